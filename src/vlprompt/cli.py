@@ -1,0 +1,59 @@
+"""The ``vlprompt`` command line.
+
+Each area of the library contributes its sub-commands through a ``register(subparsers)`` function, listed in
+``COMMAND_MODULES``; this file only assembles them and turns :class:`~vlprompt.errors.VlpromptError` into one
+clear line on stderr (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vlprompt import __version__
+from vlprompt.errors import VlpromptError
+
+# Modules that provide ``register(subparsers)``. Listed explicitly: no import side effects register anything.
+COMMAND_MODULES = [
+    "vlprompt.data.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlprompt",
+        description="Prompt learning for CLIP-style vision-language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # area not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        result = args.func(args)
+    except VlpromptError as error:
+        print(f"vlprompt {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vlprompt {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
