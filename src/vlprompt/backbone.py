@@ -1,0 +1,536 @@
+"""A CLIP whose encoders accept prompt tokens at any layer, built on open_clip without forking it.
+
+:func:`load_clip` returns a :class:`PromptableCLIP`: a frozen open_clip model plus two forward passes that walk its
+sub-modules (token embedding, positional embedding, residual blocks, final norm and projection; patch embedding,
+class token, ``ln_pre``, blocks, ``ln_post``, ``proj``) so that prompt methods can
+
+* give the text encoder their own input embeddings (learned context spliced between fixed word embeddings) and
+  replace rows of the hidden sequence before chosen blocks ("deep prompts"),
+* append visual prompt tokens after the patch tokens (MaPLe/ALIGN) or insert them after the class token
+  (original VPT/UPT), and replace them before chosen blocks,
+* read back the global features *and* every token projected into the joint embedding space.
+
+Without prompts both forwards equal open_clip's ``encode_text`` / ``encode_image`` (tested). Widths, depths,
+context length and image size are always read from the wrapped model.
+
+Prompt conventions (METHOD_SPEC §0): text deep prompts for block ``i >= 1`` replace rows ``[start, start + b)``
+of the sequence *before* block ``i``; visual deep prompts replace the rows that hold the visual prompts. "Depth J"
+means prompts at blocks ``0 .. J-1``, block 0 being the input embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlprompt.errors import CheckpointError, ConfigError
+
+# Deep prompts per block: a mapping block index -> tensor, or a sequence whose entry i is for block i (None = no
+# replacement at that block). Entry/key 0 is ignored by the encoders: layer-0 prompts enter through the inputs.
+DeepPrompts = Mapping[int, torch.Tensor] | Sequence[torch.Tensor | None] | None
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Tiny random architectures for tests and examples: real open_clip CLIP modules, real BPE tokenizer.
+TINY_CONFIGS: dict[str, dict] = {
+    "tiny": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=3, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3),
+    ),
+    "tiny-quickgelu": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=3, head_width=16),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3),
+        quick_gelu=True,
+    ),
+}
+
+
+@dataclass
+class TextOutput:
+    """Output of :meth:`PromptableCLIP.encode_text`.
+
+    Attributes:
+        features: ``(n, D)`` projected hidden state at the EOT position (not normalised).
+        tokens: ``(n, L, D)`` every position after ``ln_final`` and the projection. ``L`` is the context length,
+            or the truncated length ``max(eot_index) + 1`` when truncation is on.
+        eot_index: ``(n,)`` position of the end-of-text token of each sequence.
+    """
+
+    features: torch.Tensor
+    tokens: torch.Tensor
+    eot_index: torch.Tensor
+
+
+@dataclass
+class ImageOutput:
+    """Output of :meth:`PromptableCLIP.encode_image`.
+
+    Attributes:
+        features: ``(B, D)`` projected class-token output after ``ln_post`` (not normalised).
+        tokens: ``(B, T, D)`` every non-class token (patches and visual prompts, in sequence order) after
+            ``ln_post`` and the projection; ``None`` for backbones without token outputs (ResNets).
+        patch_slice: where the patch tokens lie inside ``tokens`` (the rest are prompt outputs).
+    """
+
+    features: torch.Tensor
+    tokens: torch.Tensor | None
+    patch_slice: slice
+
+    @property
+    def patch_tokens(self) -> torch.Tensor:
+        """``(B, n_patches, D)`` the projected patch tokens only."""
+        if self.tokens is None:
+            raise ValueError("this backbone has no token outputs")
+        return self.tokens[:, self.patch_slice]
+
+
+def _deep_prompt_at(deep_prompts: DeepPrompts, block: int) -> torch.Tensor | None:
+    if deep_prompts is None:
+        return None
+    if isinstance(deep_prompts, Mapping):
+        return deep_prompts.get(block)
+    return deep_prompts[block] if block < len(deep_prompts) else None
+
+
+def _expand_rows(prompt: torch.Tensor, batch: int) -> torch.Tensor:
+    """``(b, W)`` or ``(1|batch, b, W)`` -> ``(batch, b, W)``."""
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0)
+    return prompt.expand(batch, -1, -1)
+
+
+class PromptableCLIP(nn.Module):
+    """A frozen open_clip CLIP with prompt-aware forward passes.
+
+    Args:
+        model: an open_clip ``CLIP`` or ``CustomTextCLIP``. All its parameters are frozen.
+        tokenizer: the model's tokenizer (callable ``list[str] -> LongTensor (n, context_length)``).
+        name: a label for configs and reports (e.g. ``"ViT-B-16/openai"``).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable, name: str = "clip"):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        # CLIP keeps text modules at the top level, CustomTextCLIP inside ``.text``; same attribute names.
+        self.text = model if hasattr(model, "token_embedding") else model.text
+        if getattr(self.text, "cls_emb", None) is not None:
+            raise ConfigError(f"{name}: text towers with a CLS embedding are not supported for prompting")
+        self.visual = model.visual
+        self.grad_checkpointing = False
+        # Causal text masks make every position independent of later ones: truncating after the last EOT is exact.
+        self.truncate_text = self.text.attn_mask is not None
+
+    # ----------------------------------------------------------------- dimensions, read from the model
+    @property
+    def embed_dim(self) -> int:
+        """Dimension D of the joint embedding space."""
+        projection = self.text.text_projection
+        if projection is None:
+            return self.text.ln_final.normalized_shape[0]
+        return projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1]
+
+    @property
+    def text_width(self) -> int:
+        return self.text.token_embedding.embedding_dim
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.text.transformer.resblocks)
+
+    @property
+    def context_length(self) -> int:
+        return self.text.positional_embedding.shape[0]
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
+
+    @property
+    def vision_width(self) -> int:
+        if not self.is_vit:
+            raise ConfigError(f"{self.name}: visual prompts need a ViT image encoder")
+        return self.visual.conv1.out_channels
+
+    @property
+    def vision_layers(self) -> int:
+        return len(self.visual.transformer.resblocks) if self.is_vit else 0
+
+    @property
+    def image_size(self) -> int:
+        size = self.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(getattr(self.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(getattr(self.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """``exp(logit_scale)`` of the model (100 for OpenAI CLIP); frozen."""
+        return self.model.logit_scale.exp().detach()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.token_embedding.weight.device
+
+    # ----------------------------------------------------------------- text
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``(n, context_length)`` on the model's device."""
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def embed_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Frozen word embeddings ``(n, L) -> (n, L, W_text)``."""
+        return self.text.token_embedding(token_ids).to(self.dtype)
+
+    def eot_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Position of the end-of-text token, ``(n,)``, as open_clip pools it."""
+        eos_id = getattr(self.text, "text_eos_id", None) or getattr(self.text, "eos_id", None)
+        pool_type = getattr(self.text, "text_pool_type", None) or getattr(self.text, "pool_type", "argmax")
+        if pool_type == "eos" and eos_id is not None:
+            return (token_ids == eos_id).int().argmax(dim=-1)
+        if pool_type == "last":
+            return torch.full(token_ids.shape[:1], token_ids.shape[1] - 1, device=token_ids.device)
+        if pool_type != "argmax":
+            raise ConfigError(f"{self.name}: text pooling {pool_type!r} is not supported for prompting")
+        return token_ids.argmax(dim=-1)
+
+    def encode_text(
+        self,
+        token_ids: torch.Tensor | None = None,
+        *,
+        embeddings: torch.Tensor | None = None,
+        eot_index: torch.Tensor | None = None,
+        deep_prompts: DeepPrompts = None,
+        deep_prompt_start: int = 1,
+        truncate: bool | None = None,
+    ) -> TextOutput:
+        """Run the text tower with optional prompt embeddings.
+
+        Args:
+            token_ids: ``(n, L)`` token ids. Needed unless both ``embeddings`` and ``eot_index`` are given.
+            embeddings: ``(n, L, W_text)`` input embeddings to use instead of the word embeddings of
+                ``token_ids`` (the prompt learner splices its learned context into them).
+            eot_index: ``(n,)`` EOT positions; default from ``token_ids``.
+            deep_prompts: per block ``i >= 1`` a ``(b, W_text)`` or ``(n, b, W_text)`` tensor that replaces rows
+                ``[deep_prompt_start, deep_prompt_start + b)`` before block ``i``.
+            truncate: run the blocks only on positions ``0 .. max(eot_index)`` (exact for causal masks, the
+                default when the model has one); the returned ``tokens`` then have that shorter length.
+        """
+        if embeddings is None:
+            if token_ids is None:
+                raise ValueError("encode_text needs token_ids or embeddings")
+            embeddings = self.embed_tokens(token_ids)
+        if eot_index is None:
+            if token_ids is None:
+                raise ValueError("encode_text with embeddings only needs eot_index")
+            eot_index = self.eot_index(token_ids)
+        n, length, _ = embeddings.shape
+        if truncate if truncate is not None else self.truncate_text:
+            length = int(eot_index.max()) + 1
+            embeddings = embeddings[:, :length]
+        cast = self.dtype
+        x = embeddings.to(cast) + self.text.positional_embedding[:length].to(cast)
+        mask = self.text.attn_mask
+        if mask is not None:
+            mask = mask[:length, :length]
+        for block_index, block in enumerate(self.text.transformer.resblocks):
+            prompt = _deep_prompt_at(deep_prompts, block_index) if block_index > 0 else None
+            if prompt is not None:
+                rows = _expand_rows(prompt, n).to(x.dtype)
+                end = deep_prompt_start + rows.shape[1]
+                x = torch.cat([x[:, :deep_prompt_start], rows, x[:, end:]], dim=1)
+            x = self._run_block(self.text.transformer, block, x, mask)
+        x = self.text.ln_final(x)
+        tokens = self._project_text(x)
+        features = tokens[torch.arange(n, device=tokens.device), eot_index]
+        return TextOutput(features=features, tokens=tokens, eot_index=eot_index)
+
+    def _project_text(self, x: torch.Tensor) -> torch.Tensor:
+        projection = self.text.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+    # ----------------------------------------------------------------- image
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        *,
+        prompts: torch.Tensor | None = None,
+        deep_prompts: DeepPrompts = None,
+        prompt_position: str = "after_patches",
+        patch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> ImageOutput:
+        """Run the image tower with optional visual prompts.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalised images.
+            prompts: layer-0 visual prompts, ``(b, W_vis)`` shared or ``(B, b, W_vis)`` per image. They get no
+                positional embedding and pass through ``ln_pre`` with the other tokens.
+            deep_prompts: per block ``i >= 1`` a ``(b, W_vis)`` or ``(B, b, W_vis)`` tensor that replaces the
+                prompt rows before block ``i``.
+            prompt_position: ``"after_patches"`` (sequence = [CLS, patches, prompts], MaPLe/ALIGN) or
+                ``"after_cls"`` ([CLS, prompts, patches], original VPT/UPT).
+            patch_transform: applied to the patch-embedding grid ``(B, gh, gw, W_vis)`` before positional
+                embeddings are added (the APLe image adapter hooks in here).
+        """
+        if not self.is_vit:
+            if prompts is not None or deep_prompts is not None or patch_transform is not None:
+                raise ConfigError(f"{self.name}: visual prompts need a ViT image encoder")
+            features = self.visual(images.to(self.dtype))
+            return ImageOutput(features=features, tokens=None, patch_slice=slice(0, 0))
+        if prompt_position not in ("after_patches", "after_cls"):
+            raise ConfigError(f"prompt_position must be 'after_patches' or 'after_cls', got {prompt_position!r}")
+        visual = self.visual
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ConfigError(f"{self.name}: attention-pooled ViTs are not supported for prompting")
+        batch = images.shape[0]
+        x = visual.conv1(images.to(self.dtype))  # (B, W, gh, gw)
+        if patch_transform is not None:
+            x = patch_transform(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x.flatten(2).transpose(1, 2)  # (B, n_patches, W)
+        n_patches = x.shape[1]
+        cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        x = visual.patch_dropout(x)
+
+        n_prompts = 0
+        if prompts is not None:
+            rows = _expand_rows(prompts, batch).to(x.dtype)
+            n_prompts = rows.shape[1]
+            x = self._place_visual_prompts(x, rows, prompt_position, replace=False)
+        x = visual.ln_pre(x)
+        for block_index, block in enumerate(visual.transformer.resblocks):
+            prompt = _deep_prompt_at(deep_prompts, block_index) if block_index > 0 else None
+            if prompt is not None:
+                rows = _expand_rows(prompt, batch).to(x.dtype)
+                if rows.shape[1] != n_prompts:
+                    raise ValueError(f"deep visual prompts at block {block_index} have {rows.shape[1]} tokens, "
+                                     f"the layer-0 prompts {n_prompts}")
+                x = self._place_visual_prompts(x, rows, prompt_position, replace=True)
+            x = self._run_block(visual.transformer, block, x, None)
+
+        first_patch = n_prompts if prompt_position == "after_cls" else 0
+        patch_rows = slice(1 + first_patch, 1 + first_patch + n_patches)
+        if getattr(visual, "final_ln_after_pool", False):  # open_clip pools first, then normalises
+            pooled = visual.ln_post(x[:, patch_rows].mean(dim=1) if visual.pool_type == "avg" else x[:, 0])
+            x = visual.ln_post(x)
+        else:
+            x = visual.ln_post(x)
+            pooled = x[:, patch_rows].mean(dim=1) if visual.pool_type == "avg" else x[:, 0]
+        tokens = x[:, 1:]
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+            tokens = tokens @ visual.proj
+        return ImageOutput(features=pooled, tokens=tokens, patch_slice=slice(first_patch, first_patch + n_patches))
+
+    @staticmethod
+    def _place_visual_prompts(x: torch.Tensor, rows: torch.Tensor, position: str, replace: bool) -> torch.Tensor:
+        b = rows.shape[1]
+        if position == "after_patches":
+            kept = x[:, :-b] if replace else x
+            return torch.cat([kept, rows], dim=1)
+        rest = x[:, 1 + b:] if replace else x[:, 1:]
+        return torch.cat([x[:, :1], rows, rest], dim=1)
+
+    # ----------------------------------------------------------------- shared
+    def _run_block(self, transformer: nn.Module, block: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
+        batch_first = getattr(transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, None, None, mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=mask)
+        return x if batch_first else x.transpose(0, 1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward: less memory, more time (see docs/benchmarks.md)."""
+        self.grad_checkpointing = enable
+
+    def train(self, mode: bool = True) -> "PromptableCLIP":
+        # The backbone is frozen: keep dropout/patch-dropout off whatever the prompt modules do.
+        super().train(False)
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def available_backbones() -> list[str]:
+    """Architecture names :func:`load_clip` accepts: every open_clip config plus the tiny test configs."""
+    return sorted(TINY_CONFIGS) + ["toy"] + open_clip.list_models()
+
+
+def load_clip(
+    model_name: str,
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: str | None = None,
+) -> PromptableCLIP:
+    """Build a frozen :class:`PromptableCLIP`.
+
+    Args:
+        model_name: an open_clip architecture (``"ViT-B-16"``; use the ``-quickgelu`` variants with OpenAI
+            weights), a tiny test config (``"tiny"``), or ``"toy"`` (the small CLIP pretrained on the bundled toy
+            world, shipped inside the package).
+        pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``; downloaded through open_clip
+            when a network exists), a path to a local weights file (OpenAI TorchScript/state-dict archive, open_clip
+            state dict, ``.safetensors``), or ``None`` for random weights.
+        device: where to put the model.
+        precision: weight precision ``"fp32"``, ``"fp16"`` or ``"bf16"``.
+        cache_dir: open_clip's download cache.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    tokenizer = open_clip.get_tokenizer("ViT-B-16")
+    if model_name == "toy":
+        from vlprompt.toyworld import load_toy_clip  # the shipped toy-world CLIP
+
+        model, _ = load_toy_clip()
+        label = "toy"
+    elif model_name in TINY_CONFIGS:
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # tiny models are reproducible architectures, not seed-dependent ones
+        model = open_clip.CLIP(**TINY_CONFIGS[model_name])
+        torch.random.set_rng_state(torch_state)
+        label = model_name
+    else:
+        if model_name not in open_clip.list_models():
+            raise ConfigError(f"unknown backbone {model_name!r}; choose an open_clip model "
+                              f"(open_clip.list_models()), one of {sorted(TINY_CONFIGS)} or 'toy'")
+        tokenizer = open_clip.get_tokenizer(model_name)
+        is_tag = pretrained is not None and not _looks_like_path(pretrained)
+        model = open_clip.create_model(
+            model_name, pretrained=str(pretrained) if is_tag else None, cache_dir=cache_dir, load_weights=True
+        )
+        label = f"{model_name}/{pretrained}" if is_tag else model_name
+    if pretrained is not None and _looks_like_path(pretrained):
+        state_dict = load_state_dict_file(pretrained)
+        _load_into(model, state_dict, pretrained)
+        label = f"{model_name}/{os.path.basename(str(pretrained))}"
+    model = model.to(device=device, dtype=PRECISIONS[precision])
+    return PromptableCLIP(model, tokenizer, name=label)
+
+
+def _looks_like_path(pretrained: str | os.PathLike) -> bool:
+    text = str(pretrained)
+    return isinstance(pretrained, os.PathLike) or os.sep in text or os.path.exists(text) or text.endswith(
+        (".pt", ".pth", ".bin", ".safetensors", ".tar")
+    )
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code from it.
+
+    Accepts ``.safetensors``, a ``torch.save`` state dict (optionally nested under ``"state_dict"``; loaded with
+    ``weights_only=True``), and OpenAI's TorchScript archives (their ``constants``/tensors are read through
+    ``torch.jit.load`` on the CPU, which runs TorchScript IR only, never Python pickles of arbitrary classes).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file not found: {path} (expected a .safetensors, .pt or OpenAI .pt archive)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from error
+    if _is_torchscript_archive(path):
+        try:
+            return torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as error:
+            raise CheckpointError(f"{path}: cannot read this TorchScript archive ({error})") from error
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load; the file contains pickled objects other than tensors and plain containers "
+            f"(loading it would execute code from the file). Convert it to .safetensors with a trusted tool."
+        ) from error
+    except Exception as error:
+        raise CheckpointError(f"{path}: cannot read weights ({error})") from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors (a state dict)")
+    return {key.removeprefix("module."): value for key, value in loaded.items()}
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def _load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    # OpenAI archives carry three extra scalars that open_clip does not keep.
+    unexpected = [key for key in unexpected if key not in ("input_resolution", "context_length", "vocab_size")]
+    mismatched = [
+        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and state_dict[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} keys (e.g. {missing[:3]})")
+        if unexpected:
+            details.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[:3]})")
+        if mismatched:
+            details.append(f"shape mismatch {mismatched[:3]}")
+        raise CheckpointError(f"{path}: weights do not fit this architecture: " + "; ".join(details))
+    model.load_state_dict({key: state_dict[key] for key in expected}, strict=True)
+
+
+def describe(clip: PromptableCLIP) -> dict:
+    """A JSON-able description of the backbone for run folders."""
+    return {
+        "name": clip.name,
+        "embed_dim": clip.embed_dim,
+        "text_width": clip.text_width,
+        "text_layers": clip.text_layers,
+        "vision_width": clip.vision_width if clip.is_vit else None,
+        "vision_layers": clip.vision_layers,
+        "image_size": clip.image_size,
+    }
+
+
+__all__ = [
+    "ImageOutput",
+    "PromptableCLIP",
+    "TextOutput",
+    "available_backbones",
+    "describe",
+    "load_clip",
+    "load_state_dict_file",
+]

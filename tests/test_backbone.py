@@ -1,0 +1,203 @@
+"""PromptableCLIP against open_clip's own forward, prompt insertion semantics, and safe weight loading."""
+
+import os
+import pickle
+
+import open_clip
+import pytest
+import torch
+
+from vlprompt.backbone import load_clip, load_state_dict_file
+from vlprompt.errors import CheckpointError, ConfigError
+
+TEXTS = ["a photo of a dog.", "a tabby cat on a sofa", "x", "a centered satellite photo of river."]
+
+
+def test_no_prompt_forwards_equal_open_clip_on_tiny(tiny_clip, images):
+    tokens = tiny_clip.tokenize(TEXTS)
+    with torch.no_grad():
+        ours_text = tiny_clip.encode_text(tokens, truncate=False)
+        ours_text_truncated = tiny_clip.encode_text(tokens)
+        ours_image = tiny_clip.encode_image(images)
+        ref_text = tiny_clip.model.encode_text(tokens)
+        ref_image = tiny_clip.model.encode_image(images)
+    assert (ours_text.features - ref_text).abs().max() <= 1e-5
+    assert (ours_text_truncated.features - ref_text).abs().max() <= 1e-5
+    assert (ours_image.features - ref_image).abs().max() <= 1e-5
+    assert ours_text.tokens.shape == (4, 77, tiny_clip.embed_dim)
+    assert ours_text_truncated.tokens.shape[1] == int(tokens.argmax(-1).max()) + 1
+    # The truncated token features are the untruncated ones, position by position.
+    length = ours_text_truncated.tokens.shape[1]
+    assert torch.allclose(ours_text_truncated.tokens, ours_text.tokens[:, :length], atol=1e-5)
+    assert ours_image.tokens.shape == (3, 16, tiny_clip.embed_dim)
+
+
+def test_no_prompt_forwards_equal_open_clip_on_random_vit_b16():
+    clip = load_clip("ViT-B-16", pretrained=None)
+    assert (clip.embed_dim, clip.text_width, clip.vision_width) == (512, 512, 768)
+    assert (clip.text_layers, clip.vision_layers, clip.context_length, clip.image_size) == (12, 12, 77, 224)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    tokens = clip.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        ours_text = clip.encode_text(tokens).features
+        ours_image = clip.encode_image(images)
+        ref_text = clip.model.encode_text(tokens)
+        ref_image = clip.model.encode_image(images)
+    assert (ours_text - ref_text).abs().max() <= 1e-5
+    assert (ours_image.features - ref_image).abs().max() <= 1e-5
+    assert ours_image.tokens.shape == (2, 196, 512)
+
+
+def test_all_clip_weights_frozen(tiny_clip):
+    assert not any(p.requires_grad for p in tiny_clip.parameters())
+    assert torch.isclose(tiny_clip.logit_scale, torch.tensor(1 / 0.07))
+
+
+def _text_hidden_states(clip, tokens, deep_prompts):
+    """Hidden states entering each text block, recorded with forward pre-hooks."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args, kw=None: seen.append(args[0].clone()))
+             for b in clip.text.transformer.resblocks]
+    try:
+        clip.encode_text(tokens, deep_prompts=deep_prompts, truncate=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def test_text_deep_prompt_replaces_rows_before_requested_block_only(tiny_clip):
+    tokens = tiny_clip.tokenize(TEXTS[:2])
+    prompt = torch.randn(2, tiny_clip.text_width)
+    plain = _text_hidden_states(tiny_clip, tokens, None)
+    prompted = _text_hidden_states(tiny_clip, tokens, {2: prompt})
+    # Inputs to blocks 0 and 1 are untouched; block 2 receives the prompt at rows 1..2.
+    assert torch.equal(plain[0], prompted[0]) and torch.equal(plain[1], prompted[1])
+    assert torch.equal(prompted[2][:, 1:3], prompt.expand(2, -1, -1))
+    assert torch.equal(prompted[2][:, 0], plain[2][:, 0])
+    assert torch.equal(prompted[2][:, 3:], plain[2][:, 3:])
+    out_plain = tiny_clip.encode_text(tokens).features
+    out_prompted = tiny_clip.encode_text(tokens, deep_prompts={2: prompt}).features
+    assert not torch.allclose(out_plain, out_prompted)
+    # A list form is equivalent to the mapping form; entry 0 is ignored (layer 0 enters through embeddings).
+    out_list = tiny_clip.encode_text(tokens, deep_prompts=[prompt, None, prompt]).features
+    assert torch.allclose(out_list, out_prompted)
+
+
+def _vision_hidden_states(clip, images, **kwargs):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+             for b in clip.visual.transformer.resblocks]
+    try:
+        out = clip.encode_image(images, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("position", ["after_patches", "after_cls"])
+def test_visual_prompts_inserted_and_replaced_at_requested_layers(tiny_clip, images, position):
+    width = tiny_clip.vision_width
+    prompts = torch.randn(2, width)
+    deep = torch.randn(2, width)
+    plain, plain_out = _vision_hidden_states(tiny_clip, images)
+    layer0, _ = _vision_hidden_states(tiny_clip, images, prompts=prompts, prompt_position=position)
+    deep_seen, out = _vision_hidden_states(tiny_clip, images, prompts=prompts, deep_prompts={2: deep},
+                                           prompt_position=position)
+    rows = slice(-2, None) if position == "after_patches" else slice(1, 3)
+    others = [i for i in range(19) if i not in range(19)[rows]]
+    assert layer0[0].shape[1] == 1 + 16 + 2
+    # Block 0 sees ln_pre of the prompt rows; the other rows keep their (per-token normalised) values.
+    assert torch.allclose(layer0[0][:, rows], tiny_clip.visual.ln_pre(prompts).expand(3, -1, -1), atol=1e-6)
+    assert torch.allclose(layer0[0][:, others], plain[0], atol=1e-6)
+    # Deep prompts: blocks 0 and 1 identical to the shallow run, block 2 sees the deep rows verbatim.
+    assert torch.equal(deep_seen[1], layer0[1])
+    assert torch.equal(deep_seen[2][:, rows], deep.expand(3, -1, -1))
+    assert torch.equal(deep_seen[2][:, others], layer0[2][:, others])
+    assert out.tokens.shape == (3, 18, tiny_clip.embed_dim)
+    assert out.patch_tokens.shape == (3, 16, tiny_clip.embed_dim)
+    assert not torch.allclose(out.features, plain_out.features)
+
+
+def test_patch_transform_hook_sees_patch_grid(tiny_clip, images):
+    grids = []
+
+    def record(grid):
+        grids.append(grid.shape)
+        return grid
+
+    out = tiny_clip.encode_image(images, patch_transform=record)
+    assert grids == [torch.Size([3, 4, 4, tiny_clip.vision_width])]
+    assert torch.allclose(out.features, tiny_clip.encode_image(images).features)
+
+
+def test_gradients_reach_prompts_through_frozen_model(tiny_clip, images):
+    prompts = torch.zeros(2, tiny_clip.vision_width, requires_grad=True)
+    tiny_clip.encode_image(images, prompts=prompts).features.sum().backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_clip.parameters())
+
+
+def test_grad_checkpointing_gives_same_gradients(tiny_clip, images):
+    def grads():
+        prompts = torch.ones(2, tiny_clip.vision_width, requires_grad=True)
+        tiny_clip.encode_image(images, prompts=prompts).features.square().sum().backward()
+        return prompts.grad
+
+    reference = grads()
+    tiny_clip.set_grad_checkpointing(True)
+    try:
+        checkpointed = grads()
+    finally:
+        tiny_clip.set_grad_checkpointing(False)
+    assert torch.allclose(reference, checkpointed, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_state_dict_round_trip_reproduces_outputs(tmp_path, images, suffix):
+    source = load_clip("tiny")
+    with torch.no_grad():  # make the weights differ from the fixed tiny initialisation
+        for p in source.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / f"weights{suffix}"
+    state = source.model.state_dict()
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    loaded = load_clip("tiny", pretrained=path)
+    tokens = source.tokenize(TEXTS)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(images).features, source.encode_image(images).features)
+        assert torch.equal(loaded.encode_text(tokens).features, source.encode_text(tokens).features)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, handle)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_state_dict_file(path)
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found.*missing.pt"):
+        load_clip("tiny", pretrained=tmp_path / "missing.pt")
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"visual.conv1.weight": torch.zeros(3, 3)}, wrong)
+    with pytest.raises(CheckpointError, match="wrong.pt.*do not fit"):
+        load_clip("tiny", pretrained=wrong)
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        load_clip("ViT-Q-99")
+    with pytest.raises(ConfigError, match="precision"):
+        load_clip("tiny", precision="fp8")
