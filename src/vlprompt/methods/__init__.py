@@ -1,0 +1,82 @@
+"""Prompt-learning methods: a small registry of factory functions over one general model.
+
+``build_method(name, clip, classnames, template, **overrides)`` returns a :class:`~vlprompt.methods.base.PromptMethod`.
+All methods but CoCoOp are presets of :class:`~vlprompt.methods.align.Align` (ALIGN, the general case); the
+overrides are :class:`~vlprompt.methods.align.AlignConfig` fields (or CoCoOp's options).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from vlprompt.backbone import PromptableCLIP
+from vlprompt.errors import ConfigError
+from vlprompt.methods import coop, ivlp, maple, plot, upt, vpt, zeroshot
+from vlprompt.methods.align import Align, AlignConfig
+from vlprompt.methods.base import PromptMethod, Stage
+from vlprompt.methods.cocoop import CoCoOp
+from vlprompt.methods.presets import build_from_preset
+
+# name -> (preset of AlignConfig values, one-line description); CoCoOp and APLe have their own classes.
+ALIGN_PRESETS: dict[str, tuple[dict, str]] = {
+    "zeroshot": (zeroshot.PRESET, "zero-shot CLIP with the dataset's hand-written template"),
+    "coop": (coop.PRESET, "CoOp: learned text context (16 tokens, shallow)"),
+    "vpt": (vpt.PRESET, "VPT deep (CLIP variant): free visual prompts at every layer, frozen text"),
+    "vpt_shallow": (vpt.SHALLOW_PRESET, "VPT shallow: free visual prompts at the input layer only"),
+    "ivlp": (ivlp.PRESET, "IVLP: independent deep text and visual prompts"),
+    "ivlp_text": (ivlp.TEXT_ONLY_PRESET, "deep language prompting (IVLP text only)"),
+    "maple": (maple.PRESET, "MaPLe: deep text prompts, visual prompts coupled by linear maps"),
+    "plot": (plot.PRESET, "PLOT: N text prompts matched to patch tokens by optimal transport"),
+    "upt": (upt.PRESET, "UPT: one shared prompt set generating text and visual prompts"),
+    "align": ({}, "ALIGN: M visual x N text prompts, two-level (prompt + token) optimal transport"),
+}
+
+
+def _align_factory(name: str) -> Callable[..., PromptMethod]:
+    def build(clip, classnames, template="a photo of a {}.", **overrides):
+        return build_from_preset(name, ALIGN_PRESETS[name][0], clip, classnames, template, **overrides)
+
+    return build
+
+
+def _aple_factory(clip, classnames, template="a photo of a {}.", **overrides):
+    from vlprompt.methods.aple import build_aple  # separate module: two-stage method with the image adapter
+
+    return build_aple(clip, classnames, template, **overrides)
+
+
+FACTORIES: dict[str, Callable[..., PromptMethod]] = {name: _align_factory(name) for name in ALIGN_PRESETS}
+FACTORIES["cocoop"] = CoCoOp
+DESCRIPTIONS = {name: description for name, (_, description) in ALIGN_PRESETS.items()}
+DESCRIPTIONS["cocoop"] = "CoCoOp: CoOp context plus an image-conditioned meta-net bias"
+
+
+def _aple_available() -> bool:
+    try:
+        import vlprompt.methods.aple  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+if _aple_available():
+    FACTORIES["aple"] = _aple_factory
+    DESCRIPTIONS["aple"] = "APLe: two-stage text then visual prompts with an FFT/Gaussian image adapter"
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`build_method`."""
+    return sorted(FACTORIES)
+
+
+def build_method(name: str, clip: PromptableCLIP, classnames: Sequence[str], template: str = "a photo of a {}.",
+                 **overrides) -> PromptMethod:
+    """Build method ``name`` for ``classnames``; ``overrides`` replace preset values (unknown keys are an error)."""
+    if name not in FACTORIES:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available())}")
+    if not classnames:
+        raise ConfigError(f"{name}: the class list is empty")
+    return FACTORIES[name](clip, list(classnames), template, **overrides)
+
+
+__all__ = ["Align", "AlignConfig", "CoCoOp", "PromptMethod", "Stage", "available", "build_method"]
