@@ -1,0 +1,132 @@
+"""Command-line tools for data: ``vlprompt datasets``, ``vlprompt data verify`` and ``vlprompt data sample``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vlprompt.data.base import missing_files
+from vlprompt.data.fewshot import items_to_json, sample_few_shot
+from vlprompt.data.registry import REGISTRY, dataset_info
+from vlprompt.data.standard import BLOBS
+from vlprompt.errors import ConfigError
+
+SHOW_MISSING = 20
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    listing = subparsers.add_parser("datasets", help="list dataset names with their expected image counts")
+    listing.set_defaults(func=run_datasets)
+
+    data = subparsers.add_parser("data", help="verify a dataset folder or inspect a few-shot subset")
+    data.set_defaults(func=lambda args: data.print_help() or 1)
+    commands = data.add_subparsers(dest="data_command", metavar="<data command>")
+
+    verify = commands.add_parser(
+        "verify", help="check a dataset folder: counts per split, missing images, split-file hash"
+    )
+    _dataset_arguments(verify)
+    verify.set_defaults(func=run_verify)
+
+    sample = commands.add_parser("sample", help="write the few-shot subset of a seed as JSON (path, label, classname)")
+    _dataset_arguments(sample)
+    sample.add_argument("--shots", type=int, required=True, help="images per class (k)")
+    sample.add_argument("--seed", type=int, required=True, help="run seed (1, 2, 3 in the papers)")
+    sample.add_argument("--out", help="output JSON file (default: standard output)")
+    sample.add_argument("--cache-dir", help="few-shot cache folder (default: $VLPROMPT_CACHE/fewshot or "
+                        "~/.cache/vlprompt/fewshot)")
+    sample.set_defaults(func=run_sample)
+
+
+def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="registry name (see `vlprompt datasets`)")
+    parser.add_argument("--root", required=True, help="data root (for custom_csv: the CSV file)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="dataset option, e.g. split_file=splits.json (values are read as JSON when they parse)",
+    )
+
+
+def parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _build(args: argparse.Namespace):
+    info = dataset_info(args.dataset)
+    options = {"check_files": False, **parse_options(args.option)}
+    return info, info.build(args.root, **options)
+
+
+def run_datasets(args: argparse.Namespace) -> int:
+    print(f"{'name':16} {'train':>9} {'val':>7} {'test':>7} {'classes':>7}  folder under the data root")
+    for info in REGISTRY.values():
+        if info.counts is None:
+            print(f"{info.name:16} {'-':>9} {'-':>7} {'-':>7} {'-':>7}  {info.split_source}")
+            continue
+        c, layout = info.counts, info.layouts[0]
+        folder = os.path.join(layout.folder, layout.images)
+        print(f"{info.name:16} {c.train:>9} {c.val:>7} {c.test:>7} {c.classes:>7}  {folder}")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    info, splits = _build(args)  # raises DataError for a missing folder, split file or a wrong hash
+    ok = True
+    print(f"{info.name}: {splits.num_classes} classes", end="")
+    if info.counts is not None:
+        good = splits.num_classes == info.counts.classes
+        ok &= good
+        print(f" (expected {info.counts.classes}) {'ok' if good else 'MISMATCH'}", end="")
+    print()
+    for which in ("train", "val", "test"):
+        count = len(splits.split(which))
+        line = f"  {which:5} {count:>9} images"
+        if info.counts is not None:
+            expected = getattr(info.counts, which)
+            ok &= count == expected
+            line += f" (expected {expected}) {'ok' if count == expected else 'MISMATCH'}"
+        print(line)
+    split_file = info.builder_options.get("split_file")
+    if split_file:
+        print(f"  split file {split_file}: git blob {BLOBS[split_file]} ok")
+    paths = list(dict.fromkeys(d.path for which in ("train", "val", "test") for d in splits.split(which)))
+    missing = missing_files(paths)
+    if missing:
+        ok = False
+        print(f"  {len(missing)} of {len(paths)} images are missing:")
+        for path in missing[:SHOW_MISSING]:
+            print(f"    {path}")
+        if len(missing) > SHOW_MISSING:
+            print(f"    ... and {len(missing) - SHOW_MISSING} more")
+    else:
+        print(f"  all {len(paths)} images present")
+    print("OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    info, splits = _build(args)
+    subset = sample_few_shot(splits, args.shots, args.seed, cache_dir=args.cache_dir)
+    result = {"dataset": info.name, "shots": args.shots, "seed": args.seed, "train": items_to_json(subset.train)}
+    if splits.sample_val:
+        result["val"] = items_to_json(subset.val)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+        val = f" + {len(result['val'])} val" if "val" in result else ""
+        print(f"wrote {len(result['train'])} train{val} items to {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
