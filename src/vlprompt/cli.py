@@ -17,6 +17,8 @@ from vlprompt.errors import VlpromptError
 # Modules that provide ``register(subparsers)``. Listed explicitly: no import side effects register anything.
 COMMAND_MODULES = [
     "vlprompt.data.commands",
+    "vlprompt.engine.commands",
+    "vlprompt.compat.commands",
 ]
 
 

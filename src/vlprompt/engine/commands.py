@@ -1,0 +1,303 @@
+"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``eval``, ``report``, ``methods``.
+
+Examples::
+
+    vlprompt run base2new --methods coop,maple --seeds 1,2,3 --data-root ~/data --output runs
+    vlprompt train --method align --protocol few_shot --dataset dtd --shots 4 --seed 1 --preset paper
+    vlprompt train --method coop --dataset custom_folder --data-root ./my_images --set optim.epochs=20
+    vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --classes new
+    vlprompt report runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator
+
+import yaml
+
+from vlprompt.engine.config import PROTOCOL_NAMES, build_config, normalize_protocol, preset_variants, to_yaml
+from vlprompt.errors import ConfigError
+
+log = logging.getLogger("vlprompt")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train and evaluate one run (one dataset, shot count and seed)",
+                                  description="Train one method on one dataset under a protocol, evaluate it as "
+                                  "the protocol says, and write a run folder. Re-running resumes an unfinished run "
+                                  "and skips a finished one.")
+    train.add_argument("--method", required=True, help="method name (see `vlprompt methods`)")
+    train.add_argument("--dataset", required=True, help="dataset name (see `vlprompt datasets`)")
+    train.add_argument("--protocol", default="few_shot", help=f"one of {', '.join(PROTOCOL_NAMES)} (default few_shot)")
+    train.add_argument("--shots", type=_int, default=None, help="images per class (default: 16)")
+    train.add_argument("--seed", type=_int, default=None, help="run seed (default 1)")
+    _common_arguments(train)
+    train.set_defaults(func=run_train)
+
+    run = subparsers.add_parser("run", help="run a protocol: methods x datasets x shots x seeds",
+                                description="Run every (method, dataset, shots, seed) of a protocol into its own "
+                                "run folder, skipping finished runs and resuming unfinished ones.")
+    run.add_argument("protocol", help=f"one of {', '.join(PROTOCOL_NAMES)}")
+    run.add_argument("--methods", required=True, type=_names, help="comma-separated method names")
+    run.add_argument("--datasets", type=_names, help="comma-separated datasets (default: the protocol's)")
+    run.add_argument("--shots", type=_ints, help="comma-separated shot counts (default: the protocol's)")
+    run.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 1,2,3)")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    _common_arguments(run)
+    run.set_defaults(func=run_protocol)
+
+    evaluate = subparsers.add_parser("eval", help="evaluate the prompts of a finished run on a dataset",
+                                     description="Load a run folder's prompts.safetensors and evaluate them on a "
+                                     "dataset's test split (default: the run's dataset) with that dataset's "
+                                     "class names; writes <run>/eval/<dataset>-<classes>.json.")
+    evaluate.add_argument("run_dir", help="a run folder (holds config.json and prompts.safetensors)")
+    evaluate.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
+    evaluate.add_argument("--classes", choices=("all", "base", "new"), default="all", help="class set (default all)")
+    evaluate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                          help="dataset option (custom datasets), value read as YAML")
+    evaluate.add_argument("--data-root", help="data root (default: the run's)")
+    evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
+    evaluate.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's")
+    evaluate.add_argument("--batch-size", type=_int, help="test batch size (default: the run's)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    evaluate.set_defaults(func=run_eval)
+
+    report = subparsers.add_parser("report", help="tables (Markdown, CSV) and plots from run folders",
+                                   description="Aggregate the results.json files under RUNS_DIR: mean ± std over "
+                                   "seeds, base/new/H with the papers' 11-dataset average, few-shot tables, "
+                                   "transfer tables. Never reads logs.")
+    report.add_argument("runs_dir", help="folder searched recursively for results.json files")
+    report.add_argument("--protocol", help="only this protocol")
+    report.add_argument("--out", help="where report.md, CSV files and plots go (default RUNS_DIR/report)")
+    report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    report.add_argument("--ablate", default="beta", help="method option the ablation plot varies (default beta)")
+    report.set_defaults(func=run_report)
+
+    methods = subparsers.add_parser("methods", help="list the methods and their presets per protocol")
+    methods.set_defaults(func=run_methods)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="default",
+                        help="preset variant: default (the original code's values) or paper (the paper's, where "
+                        "they differ); see docs/reproduce.md")
+    parser.add_argument("--config", dest="config_file", help="YAML file with config values (see --print-config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=0.002 --set method.options.beta=0.5")
+    parser.add_argument("--backbone", help="open_clip architecture or 'tiny' (default ViT-B-16-quickgelu)")
+    parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or 'none'")
+    parser.add_argument("--data-root", help="folder holding the datasets (custom_folder: the dataset folder)")
+    parser.add_argument("--targets", type=_names, help="transfer targets (cross protocols), name or name@root")
+    parser.add_argument("--output", help="runs folder (default: runs)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast precision (default fp32)")
+    parser.add_argument("--tag", help="suffix that keeps runs with other settings apart (ablations)")
+    parser.add_argument("--overwrite", action="store_true", help="discard existing run folders and start again")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars; warnings only")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config(s) as YAML and exit")
+
+
+# --------------------------------------------------------------------------------------------- argument types
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    return [_int(part) for part in text.split(",") if part.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested config values from the dedicated options that were given."""
+    values: dict[str, Any] = {}
+    if args.backbone is not None:
+        values.setdefault("backbone", {})["name"] = args.backbone
+    if args.pretrained is not None:
+        values.setdefault("backbone", {})["pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
+    if args.data_root is not None:
+        values.setdefault("data", {})["root"] = os.path.expanduser(args.data_root)
+    if args.targets is not None:
+        values.setdefault("eval", {})["targets"] = args.targets
+    for key in ("output", "device", "precision", "tag"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.quiet:
+        values["progress"] = False
+    return values
+
+
+@contextlib.contextmanager
+def console_logging(quiet: bool) -> Iterator[None]:
+    """Log lines on stderr while a command runs (warnings only with --quiet)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.addHandler(handler)
+    previous = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False  # a root handler set up by another library must not print every line twice
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous[0])
+        log.propagate = previous[1]
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Treat SIGTERM (a scheduler pre-empting the job) like Ctrl-C: stop cleanly; re-running resumes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from vlprompt.protocols import run_experiment
+
+    config = build_config(method=args.method, protocol=args.protocol, dataset=args.dataset, shots=args.shots,
+                          seed=args.seed, preset=args.preset, config_file=args.config_file,
+                          overrides=args.overrides, cli=_cli_values(args))
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    with console_logging(args.quiet), sigterm_interrupts():
+        results = run_experiment(config, overwrite=args.overwrite)
+    print(_summary_line(results))
+    return 0
+
+
+def run_protocol(args: argparse.Namespace) -> int:
+    from vlprompt.engine.runs import RunFolder, run_dir
+    from vlprompt.protocols import plan, sweep
+
+    protocol = normalize_protocol(args.protocol)
+    configs = plan(protocol, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
+                   preset=args.preset, config_file=args.config_file, overrides=args.overrides,
+                   cli=_cli_values(args))
+    if args.print_config:
+        print("---\n".join(to_yaml(config) for config in configs), end="")
+        return 0
+    if args.dry_run:
+        for config in configs:
+            print(f"{RunFolder(run_dir(config)).status():9} {run_dir(config)}")
+        return 0
+    with console_logging(args.quiet), sigterm_interrupts():
+        results = sweep(configs, overwrite=args.overwrite)
+    for result in results:
+        print(_summary_line(result))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from vlprompt.backbone import load_clip
+    from vlprompt.data import ImageDataset, build_dataset, build_transform, subsample_classes
+    from vlprompt.engine import checkpoint as ckpt
+    from vlprompt.engine.checkpoint import atomic_write_text
+    from vlprompt.engine.evaluate import evaluate
+    from vlprompt.engine.runs import RunFolder
+    from vlprompt.engine.trainer import resolve_device
+    from vlprompt.methods import build_method
+
+    folder = RunFolder(args.run_dir)
+    config = folder.config()
+    dataset = args.dataset or config.data.dataset
+    same_dataset = dataset == config.data.dataset
+    root = os.path.expanduser(args.data_root) if args.data_root else config.data.root
+    options = dict(config.data.options) if same_dataset and not args.option else _options(args.option)
+    precision = args.precision or config.precision
+    device = resolve_device(args.device or config.device)
+    tensors, _ = ckpt.load_prompts(folder.prompts_file)
+    with console_logging(args.quiet):
+        clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
+        splits = subsample_classes(build_dataset(dataset, root, **options), args.classes)
+        method = build_method(config.method.name, clip, splits.classnames, splits.template,
+                              **config.method.options).to(device)
+        method.load_prompt_state_dict(tensors)
+        transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
+        result = evaluate(method, ImageDataset(splits.test, transform),
+                          batch_size=args.batch_size or config.eval.batch_size, precision=precision, device=device,
+                          num_workers=config.data.num_workers, progress=not args.quiet, desc=f"eval {dataset}")
+    record = {"run": folder.path, "dataset": dataset, "class_set": args.classes, **result.to_dict()}
+    out = os.path.join(folder.path, "eval", f"{dataset}-{args.classes}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    print(f"{config.method.name} on {dataset} ({args.classes} classes, {result.total} images"
+          f"{f', {len(result.skipped)} unreadable skipped' if result.skipped else ''}): "
+          f"accuracy {result.accuracy:.2f}%  -> {out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from vlprompt.report import write_report
+
+    if not os.path.isdir(args.runs_dir):
+        raise ConfigError(f"{args.runs_dir} is not a folder")
+    protocol = normalize_protocol(args.protocol) if args.protocol else None
+    out = args.out or os.path.join(args.runs_dir, "report")
+    markdown, files = write_report(args.runs_dir, out, protocol=protocol, plots=not args.no_plots,
+                                   ablate=args.ablate)
+    print(markdown, end="")
+    for file in files:
+        print(f"wrote {file}", file=sys.stderr)
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
+    import vlprompt.methods as methods
+
+    descriptions = getattr(methods, "DESCRIPTIONS", {})
+    names = methods.available()
+    width = max(len(n) for n in names)
+    print(f"{'method':{width}}  presets (protocol: variants)                         description")
+    for name in names:
+        presets = []
+        for protocol in PROTOCOL_NAMES:
+            variants = preset_variants(name, protocol)
+            presets.append(protocol + ("+" + "+".join(variants[1:]) if len(variants) > 1 else ""))
+        print(f"{name:{width}}  {' '.join(presets):52} {descriptions.get(name, '')}")
+    return 0
+
+
+def _options(pairs: list[str]) -> dict[str, Any]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value) if value else ""
+    return options
+
+
+def _summary_line(results: dict[str, Any]) -> str:
+    numbers = ", ".join(f"{key} {value:.2f}" for key, value in results["metrics"].items())
+    return (f"{results['protocol']} {results['dataset']} {results['method']} shots {results['shots']} "
+            f"seed {results['seed']}: {numbers}")

@@ -1,0 +1,288 @@
+"""The training loop. It knows nothing about which method it trains: it only calls the
+:class:`~vlprompt.methods.base.PromptMethod` interface (``stages``, ``set_stage``, ``trainable_parameters``,
+``training_loss``, ``prompt_state_dict``, ``load_prompt_state_dict``).
+
+One call of :func:`fit` trains every stage of a method in order; each stage gets a fresh SGD optimizer and
+warmup + cosine schedule (:mod:`vlprompt.engine.optim`). After every epoch a checkpoint is written atomically;
+given the same checkpoint path, an interrupted call resumes after the last completed epoch and ends with the
+same parameters as an uninterrupted one (the random states, including the sampler's, are restored).
+
+Mixed precision: ``fp32``; ``bf16`` autocast; ``fp16`` autocast with a gradient scaler. A step whose loss or
+gradients are not finite is skipped (no parameter update), counted and logged — never a crash and never a
+silently corrupted model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from tqdm.auto import tqdm
+
+from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine.config import OptimConfig
+from vlprompt.engine.optim import EpochSchedule, build_optimizer
+from vlprompt.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("vlprompt")
+
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+LOGGED_SKIPS = 5  # non-finite steps logged one by one per run; the rest only counted
+
+
+@dataclass
+class TrainSummary:
+    """What :func:`fit` did. ``history`` holds one record per epoch trained in this call (as in metrics.jsonl)."""
+
+    epochs_trained: int = 0
+    skipped_steps: int = 0
+    skipped_images: int = 0
+    seconds: float = 0.0
+    resumed_from: dict[str, int] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA if available, else MPS, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32).
+
+    Raises :class:`ConfigError` when this PyTorch cannot autocast to that dtype on that device (rather than
+    letting ``torch.autocast`` warn and silently run in fp32).
+    """
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(f"precision must be one of {', '.join(AUTOCAST_DTYPES)}, got {precision!r}")
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    check_autocast(device, precision)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def check_autocast(device: torch.device, precision: str) -> None:
+    dtype = AUTOCAST_DTYPES[precision]
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                probe = torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ConfigError(f"precision {precision}: autocast to {dtype} is not supported on {device.type} by "
+                          f"torch {torch.__version__} ({error}); use fp32 or bf16") from None
+    if probe.dtype != dtype:
+        raise ConfigError(f"precision {precision}: torch {torch.__version__} does not autocast to {dtype} on "
+                          f"{device.type}; use fp32 or bf16")
+
+
+def make_train_loader(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
+                      device: torch.device | None = None) -> DataLoader:
+    """Random order drawn from ``generator``; ``drop_last`` only when the set fills at least one batch (Dassl)."""
+    from vlprompt.data import collate_skip_corrupt
+
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=RandomSampler(dataset, generator=generator),
+        drop_last=len(dataset) >= batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_corrupt,
+        pin_memory=device is not None and device.type == "cuda",
+    )
+
+
+def _grads_finite(parameters: list[torch.nn.Parameter]) -> bool:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def fit(
+    method,
+    train_set: Dataset,
+    *,
+    optim: OptimConfig,
+    batch_size: int,
+    seed: int,
+    precision: str = "fp32",
+    device: torch.device | str = "cpu",
+    num_workers: int = 0,
+    checkpoint_path: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> TrainSummary:
+    """Train ``method`` on ``train_set`` (items ``(image, label)``, or None for an unreadable image).
+
+    Args:
+        method: a :class:`~vlprompt.methods.base.PromptMethod` already on ``device``.
+        optim: learning rate, schedule length and SGD settings; ``optim.per_stage`` refines them per stage.
+        batch_size: training batch size.
+        seed: seeds the sampler's generator (the order of images in every epoch).
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + gradient scaler).
+        checkpoint_path: where the per-epoch checkpoint lives; if the file exists, training resumes from it.
+        on_epoch: called with each epoch's record (stage, epoch, lr, loss, accuracy, skipped steps, time).
+        progress: show tqdm progress bars.
+    """
+    device = torch.device(device) if isinstance(device, str) else device
+    if len(train_set) == 0:
+        raise ConfigError("the training set is empty")
+    stages = method.stages()
+    sampler_generator = torch.Generator().manual_seed(seed)
+    loader = make_train_loader(train_set, batch_size, sampler_generator, num_workers, device)
+    context = autocast(device, precision)
+    summary = TrainSummary()
+    counters = {"skipped_steps": 0, "train_seconds": 0.0}
+
+    resume = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path and _exists(checkpoint_path) else None
+    if resume is not None:
+        if [s.name for s in stages] != resume["stage_names"]:
+            raise CheckpointError(f"{checkpoint_path}: stages {resume['stage_names']} do not match the method's "
+                                  f"{[s.name for s in stages]}; use --overwrite to start again")
+        method.load_prompt_state_dict(resume["prompts"])
+        ckpt.restore_rng(resume["rng"], sampler_generator)
+        counters.update(resume["counters"])
+        summary.resumed_from = {"stage": resume["stage"], "epoch": resume["epoch"]}
+        log.info("resuming from %s: stage %s, %d epoch(s) done", checkpoint_path,
+                 stages[resume["stage"]].name, resume["epoch"])
+
+    for stage_index, stage in enumerate(stages):
+        stage_optim = optim.for_stage(stage.name)
+        last_epoch = stage_optim.epochs if stage_optim.stop_epoch is None else stage_optim.stop_epoch
+        first_epoch = 0
+        if resume is not None and stage_index < resume["stage"]:
+            continue
+        method.set_stage(stage)
+        parameters = [p for _, p in method.trainable_parameters()]
+        if not parameters or last_epoch == 0:
+            log.info("stage %s: nothing to train (%d trainable tensors, %d epochs)", stage.name,
+                     len(parameters), last_epoch)
+            continue
+        optimizer = build_optimizer(parameters, stage_optim)
+        schedule = EpochSchedule(optimizer, stage_optim)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        if resume is not None and stage_index == resume["stage"]:
+            optimizer.load_state_dict(resume["optimizer"])
+            schedule.load_state_dict(resume["schedule"])
+            if resume["scaler"]:
+                scaler.load_state_dict(resume["scaler"])
+            first_epoch = resume["epoch"]
+        log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d, %s",
+                 stage.name, len(parameters), sum(p.numel() for p in parameters), first_epoch + 1, last_epoch,
+                 stage_optim.epochs, stage_optim.lr, batch_size, precision)
+
+        for epoch in range(first_epoch, last_epoch):
+            started = time.perf_counter()
+            lr = schedule.start_epoch(epoch)
+            record = _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters,
+                                  desc=f"{stage.name} {epoch + 1}/{last_epoch}", progress=progress)
+            seconds = time.perf_counter() - started
+            counters["train_seconds"] += seconds
+            record = {"stage": stage.name, "epoch": epoch, "lr": lr, **record, "seconds": round(seconds, 3)}
+            ckpt_state = {
+                "stage": stage_index,
+                "stage_names": [s.name for s in stages],
+                "epoch": epoch + 1,
+                "prompts": method.prompt_state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                "rng": ckpt.capture_rng(sampler_generator),
+                "counters": dict(counters),
+            }
+            if checkpoint_path:
+                ckpt.save_checkpoint(checkpoint_path, ckpt_state)
+            summary.history.append(record)
+            summary.epochs_trained += 1
+            log.info("%s epoch %d/%d: lr %.3g, loss %.4f, train acc %.2f%%%s", stage.name, epoch + 1, last_epoch,
+                     lr, record["loss"], record["accuracy"],
+                     f", {record['skipped_steps']} step(s) skipped" if record["skipped_steps"] else "")
+            if on_epoch is not None:
+                on_epoch(record)
+
+    summary.skipped_steps = counters["skipped_steps"]
+    summary.seconds = counters["train_seconds"]
+    summary.skipped_images = len(getattr(train_set, "skipped", []))
+    return summary
+
+
+def _exists(path: str) -> bool:
+    import os
+
+    return os.path.isfile(path)
+
+
+def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, *, desc: str,
+                 progress: bool) -> dict[str, Any]:
+    method.train()
+    loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+    skipped = {"nonfinite_loss": 0, "nonfinite_grad": 0}
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for batch in bar:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        optimizer.zero_grad(set_to_none=True)
+        with context:
+            loss, logits = method.training_loss(images, labels)
+        if not torch.isfinite(loss):
+            _skip(counters, skipped, "nonfinite_loss", f"{desc}: loss is {loss.item()}; step skipped")
+            continue
+        scaler.scale(loss).backward()
+        if scaler.is_enabled():
+            scaler.unscale_(optimizer)
+        if not _grads_finite(parameters):
+            reason = "gradient overflow (fp16 loss scale reduced)" if scaler.is_enabled() else "non-finite gradients"
+            _skip(counters, skipped, "nonfinite_grad", f"{desc}: {reason}; step skipped")
+            if scaler.is_enabled():
+                scaler.step(optimizer)  # sees the inf found by unscale_: no update, only bookkeeping
+                scaler.update()  # lowers the loss scale
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        steps += 1
+        loss_sum += loss.item() * labels.numel()
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        seen += labels.numel()
+        if progress:
+            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{100 * correct / max(seen, 1):.1f}")
+    bar.close()
+    total_skipped = sum(skipped.values())
+    if steps == 0 and total_skipped:
+        log.warning("%s: every step of this epoch was skipped (non-finite values); check the learning rate "
+                    "and precision", desc)
+    return {
+        "loss": loss_sum / seen if seen else math.nan,
+        "accuracy": 100.0 * correct / seen if seen else math.nan,
+        "steps": steps,
+        "skipped_steps": total_skipped,
+        **skipped,
+    }
+
+
+def _skip(counters: dict, skipped: dict, kind: str, message: str) -> None:
+    skipped[kind] += 1
+    counters["skipped_steps"] += 1
+    if counters["skipped_steps"] <= LOGGED_SKIPS:
+        log.warning(message)
+    elif counters["skipped_steps"] == LOGGED_SKIPS + 1:
+        log.warning("further skipped steps are only counted (metrics.jsonl: skipped_steps)")

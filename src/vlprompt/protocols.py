@@ -1,0 +1,245 @@
+"""The four evaluation protocols, run exactly as the reference code runs them (METHOD_SPEC §4).
+
+* ``few_shot``      — all classes, k shots per class, seeds; test on the full test split.
+* ``base2new``      — 16 shots sampled over **all** classes first, then the first ceil(C/2) labels are the base
+                      classes: train on base, test on base; the same prompts with the new class names test on new
+                      (an (C − m)-way accuracy). H = 2·B·N / (B + N).
+* ``cross_dataset`` — train on a source (ImageNet, all classes, 16 shots); test on the source and on each target
+                      dataset with the target's own class names and template.
+* ``cross_domain``  — the same with ImageNet-V2 / -Sketch / -A / -R as targets (A and R: their 200-class sets).
+
+:func:`run_experiment` runs one (protocol, dataset, method, shots, seed) into its run folder (resuming an
+unfinished one, skipping a finished one); :func:`sweep` loops methods × datasets × shots × seeds.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine.config import RunConfig, build_config, normalize_protocol
+from vlprompt.engine.evaluate import evaluate
+from vlprompt.engine.runs import RunFolder, environment, run_dir
+from vlprompt.engine.trainer import fit, resolve_device
+
+log = logging.getLogger("vlprompt")
+
+ELEVEN_DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+                   "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+DOMAIN_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A protocol's fixed parts and the defaults ``vlprompt run`` loops over."""
+
+    name: str
+    title: str
+    train_classes: str  # "all" or "base"
+    datasets: tuple[str, ...]
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    targets: tuple[str, ...] = ()
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "few_shot": Protocol("few_shot", "few-shot classification", "all", ELEVEN_DATASETS, (1, 2, 4, 8, 16),
+                         (1, 2, 3)),
+    "base2new": Protocol("base2new", "base-to-new generalisation", "base", ELEVEN_DATASETS, (16,), (1, 2, 3)),
+    "cross_dataset": Protocol("cross_dataset", "cross-dataset transfer", "all", ("imagenet",), (16,), (1, 2, 3),
+                              ELEVEN_DATASETS[1:]),
+    "cross_domain": Protocol("cross_domain", "cross-domain generalisation", "all", ("imagenet",), (16,),
+                             (1, 2, 3), DOMAIN_TARGETS),
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    return PROTOCOLS[normalize_protocol(name)]
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """H = 2·B·N / (B + N) (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
+def parse_target(target: str, default_root: str) -> tuple[str, str, str]:
+    """``"name"`` or ``"name@root"`` (a target with its own data root, e.g. a custom folder) →
+    ``(label, dataset name, root)``."""
+    name, _, root = target.partition("@")
+    return target, name, root or default_root
+
+
+# --------------------------------------------------------------------------------------------- one run
+
+
+def run_experiment(config: RunConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one experiment; return the content of its ``results.json``."""
+    folder = RunFolder(run_dir(config))
+    status = folder.prepare(config, overwrite=overwrite)
+    if status == "finished":
+        log.info("%s: finished already (use --overwrite to run it again)", folder.path)
+        return folder.results()
+    with folder.logging_to_file(log):
+        log.info("%s run %s", "resuming" if status == "partial" else "starting", folder.path)
+        return _run(config, folder)
+
+
+def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
+    from vlprompt.backbone import describe, load_clip
+    from vlprompt.data import ImageDataset, build_dataset, build_transform, sample_few_shot, subsample_classes
+    from vlprompt.methods import build_method
+
+    started = time.perf_counter()
+    protocol = get_protocol(config.protocol)
+    device = resolve_device(config.device)
+    clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
+    if config.backbone.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
+    train_transform = build_transform(True, clip.image_size, clip.image_mean, clip.image_std)
+    test_transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
+
+    # Seeds Python/NumPy/torch with the run seed, then draws the k-shot subset (Dassl's order of calls).
+    splits = sample_few_shot(build_dataset(config.data.dataset, config.data.root, **config.data.options),
+                             config.data.shots, config.seed, cache_dir=config.data.cache_dir)
+    train_splits = subsample_classes(splits, protocol.train_classes)
+    method = build_method(config.method.name, clip, train_splits.classnames, train_splits.template,
+                          **config.method.options).to(device)
+
+    if os.path.isfile(folder.prompts_file):  # trained earlier; the evaluation was interrupted
+        tensors, metadata = ckpt.load_prompts(folder.prompts_file)
+        method.load_prompt_state_dict(tensors)
+        training = metadata.get("training", {})
+        log.info("training finished earlier; loaded %s", folder.prompts_file)
+    else:
+        if os.path.isfile(folder.checkpoint_file):
+            state = ckpt.load_checkpoint(folder.checkpoint_file)
+            names = state["stage_names"]
+            done = {name: (state["epoch"] if i == state["stage"] else 10**9) for i, name in enumerate(names)
+                    if i <= state["stage"]}
+            folder.keep_metrics(done)
+        summary = fit(method, ImageDataset(train_splits.train, train_transform), optim=config.optim,
+                      batch_size=config.data.batch_size, seed=config.seed, precision=config.precision,
+                      device=device, num_workers=config.data.num_workers, checkpoint_path=folder.checkpoint_file,
+                      on_epoch=folder.append_metrics, progress=config.progress)
+        history = folder.metrics()
+        training = {
+            "epochs": sum(1 for r in history if "epoch" in r),
+            "final_loss": history[-1]["loss"] if history else None,
+            "skipped_steps": summary.skipped_steps,
+            "skipped_images": summary.skipped_images,
+            "train_images": len(train_splits.train),
+            "seconds": round(summary.seconds, 3),
+        }
+        metadata = {"method": config.method.name, "options": method.options, "backbone": clip.name,
+                    "classnames": list(train_splits.classnames), "template": train_splits.template,
+                    "stages": [s.name for s in method.stages()], "training": training,
+                    "vlprompt": environment()["vlprompt"], "config": config.to_dict()}
+        ckpt.save_prompts(folder.prompts_file, method.prompt_state_dict(), metadata)
+
+    evaluations: dict[str, Any] = {}
+    eval_sets = _evaluation_sets(config, protocol, splits, subsample_classes, build_dataset)
+    eval_seconds = 0.0
+    for label, dataset_name, class_set, target in eval_sets:
+        method.set_classnames(target.classnames, target.template)
+        result = evaluate(method, ImageDataset(target.test, test_transform), batch_size=config.eval.batch_size,
+                          precision=config.precision, device=device, num_workers=config.data.num_workers,
+                          progress=config.progress, desc=f"eval {label}")
+        eval_seconds += result.seconds
+        evaluations[label] = {"dataset": dataset_name, "class_set": class_set, **result.to_dict()}
+        log.info("%s (%s, %s classes, %d images): accuracy %.2f%%", label, dataset_name, class_set, result.total,
+                 result.accuracy)
+
+    results = {
+        "protocol": config.protocol,
+        "dataset": config.data.dataset,
+        "method": config.method.name,
+        "preset": config.preset,
+        "tag": config.tag,
+        "shots": config.data.shots,
+        "seed": config.seed,
+        "train_classes": protocol.train_classes,
+        "metrics": _metrics(config.protocol, evaluations),
+        "evaluations": evaluations,
+        "training": training,
+        "method_options": method.options,
+        "backbone": describe(clip),
+        "precision": config.precision,
+        "environment": environment(),
+        "wall_time_s": round(training.get("seconds", 0.0) + eval_seconds, 3),
+        "this_session_s": round(time.perf_counter() - started, 3),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config_fingerprint": config.fingerprint(),
+    }
+    folder.write_results(results)
+    if os.path.isfile(folder.checkpoint_file):
+        os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
+    log.info("results: %s", ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items()))
+    return results
+
+
+def _evaluation_sets(config: RunConfig, protocol: Protocol, splits, subsample_classes, build_dataset):
+    """``(label, dataset, class set, DatasetSplits)`` for each evaluation of the protocol."""
+    if protocol.name == "few_shot":
+        return [("test", config.data.dataset, "all", splits)]
+    if protocol.name == "base2new":
+        return [("base", config.data.dataset, "base", subsample_classes(splits, "base")),
+                ("new", config.data.dataset, "new", subsample_classes(splits, "new"))]
+    sets = [("source", config.data.dataset, "all", splits)]
+    for target in config.eval.targets or protocol.targets:
+        label, name, root = parse_target(target, config.data.root)
+        sets.append((label, name, "all", build_dataset(name, root)))
+    return sets
+
+
+def _metrics(protocol: str, evaluations: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a run (what the report tables show)."""
+    if protocol == "few_shot":
+        return {"accuracy": evaluations["test"]["accuracy"]}
+    if protocol == "base2new":
+        base, new = evaluations["base"]["accuracy"], evaluations["new"]["accuracy"]
+        return {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+    metrics = {label: e["accuracy"] for label, e in evaluations.items()}
+    targets = [v for k, v in metrics.items() if k != "source"]
+    if targets:
+        metrics["average"] = sum(targets) / len(targets)
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def plan(protocol: str, *, methods: Sequence[str], datasets: Sequence[str] | None = None,
+         shots: Sequence[int] | None = None, seeds: Sequence[int] | None = None, preset: str = "default",
+         config_file: str | None = None, overrides: Sequence[str] = (), cli: dict | None = None) -> list[RunConfig]:
+    """The validated configs of a sweep (methods × datasets × shots × seeds; protocol defaults where None).
+
+    Every config is built before anything runs, so a bad value fails at once rather than hours into a sweep.
+    """
+    spec = get_protocol(protocol)
+    configs = []
+    for method in methods:
+        for dataset in datasets or spec.datasets:
+            for k in shots or spec.shots:
+                for seed in seeds or spec.seeds:
+                    configs.append(build_config(method=method, protocol=spec.name, dataset=dataset, shots=k,
+                                                seed=seed, preset=preset, config_file=config_file,
+                                                overrides=list(overrides), cli=cli))
+    return configs
+
+
+def sweep(configs: Sequence[RunConfig], *, overwrite: bool = False) -> list[dict[str, Any]]:
+    """Run every config in order (finished runs are skipped, unfinished ones resumed)."""
+    results = []
+    for index, config in enumerate(configs, 1):
+        log.info("[%d/%d] %s", index, len(configs), run_dir(config))
+        results.append(run_experiment(config, overwrite=overwrite))
+    return results
+
+
+__all__ = ["DOMAIN_TARGETS", "ELEVEN_DATASETS", "PROTOCOLS", "Protocol", "get_protocol", "harmonic_mean", "plan",
+           "run_experiment", "sweep"]

@@ -1,0 +1,384 @@
+"""Tables and plots from run folders — built from ``results.json`` files only, never from logs.
+
+* mean ± std over seeds (population std, ``numpy.std`` as CoOp's ``parse_test_res.py`` computes it);
+* base-to-new: per dataset mean base, mean new and H = 2BN/(B+N) of those means; the average row takes the mean
+  base and the mean new over datasets and H of those two numbers, as the papers do;
+* few-shot: datasets × shots (ALIGN App. Table D.1 layout) with the average over datasets;
+* cross-dataset / cross-domain: source accuracy, each target, and the mean over targets.
+
+Methods are told apart by ``method[-preset][-tag]``. :func:`write_report` writes ``report.md``, one CSV per
+table and (if matplotlib is installed) accuracy-vs-shots, base/new/H and ablation plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from vlprompt.engine.runs import find_runs
+
+PROTOCOL_TITLES = {
+    "few_shot": "Few-shot classification (top-1 %, mean ± std over seeds)",
+    "base2new": "Base-to-new generalisation (top-1 %, mean ± std over seeds; H of the means)",
+    "cross_dataset": "Cross-dataset transfer (top-1 %, mean ± std over seeds)",
+    "cross_domain": "Cross-domain generalisation (top-1 %, mean ± std over seeds)",
+}
+PROTOCOL_ORDER = ("few_shot", "base2new", "cross_dataset", "cross_domain")
+
+
+@dataclass
+class Stat:
+    """Mean and (population) standard deviation of ``n`` values; ``std`` is None for a derived number (H)."""
+
+    mean: float
+    std: float | None = None
+    n: int = 1
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Stat":
+        values = list(values)
+        mean = sum(values) / len(values)
+        return cls(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), len(values))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+
+
+@dataclass
+class Table:
+    """A report table: ``rows`` hold strings (labels) and :class:`Stat` cells (None = not available)."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        for row in self.rows:
+            lines.append("| " + " | ".join("–" if cell is None else str(cell) for cell in row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def write_csv(self, path: str) -> None:
+        """Numbers unformatted: each Stat column becomes ``<column>`` (mean) and ``<column>_std``."""
+        stat_columns = {i for row in self.rows for i, cell in enumerate(row) if isinstance(cell, Stat)}
+        header = []
+        for i, column in enumerate(self.columns):
+            header.append(column)
+            if i in stat_columns:
+                header.append(f"{column}_std")
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for row in self.rows:
+                out = []
+                for i, cell in enumerate(row):
+                    if i in stat_columns:
+                        out += [cell.mean, cell.std] if isinstance(cell, Stat) else ["", ""]
+                        if isinstance(cell, Stat) and cell.std is None:
+                            out[-1] = ""
+                    else:
+                        out.append(cell)
+                writer.writerow(out)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_results(runs_dir: str, protocol: str | None = None) -> list[dict[str, Any]]:
+    """Every ``results.json`` under ``runs_dir`` (optionally of one protocol), with ``_path`` added."""
+    results = []
+    for run in find_runs(runs_dir):
+        data = run.results()
+        if protocol is None or data.get("protocol") == protocol:
+            results.append({**data, "_path": run.path})
+    return results
+
+
+def method_label(result: dict[str, Any]) -> str:
+    parts = [result["method"]]
+    if result.get("preset", "default") != "default":
+        parts.append(result["preset"])
+    if result.get("tag"):
+        parts.append(result["tag"])
+    return "-".join(parts)
+
+
+def _group(results: Iterable[dict], *keys) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for result in results:
+        groups[tuple(key(result) if callable(key) else result[key] for key in keys)].append(result)
+    return groups
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new else 0.0
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    from vlprompt.protocols import DOMAIN_TARGETS, ELEVEN_DATASETS
+
+    known = list(ELEVEN_DATASETS) + list(DOMAIN_TARGETS)
+    return sorted(set(names), key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+def base2new_table(results: list[dict]) -> Table:
+    table = Table("base2new", PROTOCOL_TITLES["base2new"], ["dataset", "method", "base", "new", "H", "seeds"])
+    per_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    groups = _group(results, "dataset", method_label)
+    methods = sorted({m for _, m in groups})
+    for dataset in _ordered(d for d, _ in groups):
+        for method in methods:
+            runs = groups.get((dataset, method))
+            if not runs:
+                continue
+            base = Stat.of([r["metrics"]["base"] for r in runs])
+            new = Stat.of([r["metrics"]["new"] for r in runs])
+            table.rows.append([dataset, method, base, new, Stat(harmonic_mean(base.mean, new.mean)), len(runs)])
+            per_method[method].append((base.mean, new.mean))
+    for method in methods:
+        pairs = per_method[method]
+        base = sum(b for b, _ in pairs) / len(pairs)
+        new = sum(n for _, n in pairs) / len(pairs)
+        table.rows.append([f"**Average over {len(pairs)} dataset{'s' * (len(pairs) != 1)}**", method, Stat(base),
+                           Stat(new), Stat(harmonic_mean(base, new)), ""])
+    return table
+
+
+def few_shot_table(results: list[dict]) -> Table:
+    shots = sorted({r["shots"] for r in results})
+    table = Table("few_shot", PROTOCOL_TITLES["few_shot"], ["dataset", "method"] + [f"{k} shots" for k in shots])
+    groups = _group(results, "dataset", method_label, "shots")
+    methods = sorted({m for _, m, _ in groups})
+    means: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    datasets = _ordered(d for d, _, _ in groups)
+    for dataset in datasets:
+        for method in methods:
+            row: list[Any] = [dataset, method]
+            for k in shots:
+                runs = groups.get((dataset, method, k))
+                stat = Stat.of([r["metrics"]["accuracy"] for r in runs]) if runs else None
+                if stat is not None:
+                    means[(method, k)][dataset] = stat.mean
+                row.append(stat)
+            if any(isinstance(cell, Stat) for cell in row[2:]):
+                table.rows.append(row)
+    for method in methods:
+        method_datasets = {d for (m, _), values in means.items() if m == method for d in values}
+        row = [f"**Average over {len(method_datasets)} dataset{'s' * (len(method_datasets) != 1)}**", method]
+        for k in shots:
+            values = means.get((method, k), {})
+            # only where every dataset of the method has this shot count (else the average would be biased)
+            row.append(Stat(sum(values.values()) / len(values)) if values and set(values) == method_datasets
+                       else None)
+        table.rows.append(row)
+    return table
+
+
+def transfer_table(results: list[dict], protocol: str) -> Table:
+    targets = _ordered(k for r in results for k in r["metrics"] if k not in ("source", "average"))
+    table = Table(protocol, PROTOCOL_TITLES[protocol],
+                  ["source", "method", "source acc."] + targets + ["target average", "seeds"])
+    groups = _group(results, "dataset", method_label)
+    for source, method in sorted(groups):
+        runs = groups[(source, method)]
+
+        def stat(key: str) -> Stat | None:
+            values = [r["metrics"][key] for r in runs if key in r["metrics"]]
+            return Stat.of(values) if values else None
+
+        table.rows.append([source, method, stat("source")] + [stat(t) for t in targets] +
+                          [stat("average"), len(runs)])
+    return table
+
+
+def build_tables(results: list[dict]) -> list[Table]:
+    by_protocol = _group(results, "protocol")
+    tables = []
+    for protocol in PROTOCOL_ORDER:
+        runs = by_protocol.get((protocol,))
+        if not runs:
+            continue
+        if protocol == "base2new":
+            tables.append(base2new_table(runs))
+        elif protocol == "few_shot":
+            tables.append(few_shot_table(runs))
+        else:
+            tables.append(transfer_table(runs, protocol))
+    return tables
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_few_shot(results: list[dict], path: str) -> bool:
+    """Accuracy vs. shots, one panel per dataset (and the average), one line per method."""
+    plt = _pyplot()
+    if plt is None or not results:
+        return False
+    groups = _group(results, "dataset", method_label, "shots")
+    datasets = _ordered(d for d, _, _ in groups)
+    methods = sorted({m for _, m, _ in groups})
+    panels = datasets + (["average"] if len(datasets) > 1 else [])
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, panel in zip(axes.flat, panels):
+        for method in methods:
+            points = []
+            for k in sorted({k for _, _, k in groups}):
+                if panel == "average":
+                    values = [Stat.of([r["metrics"]["accuracy"] for r in groups[(d, method, k)]]).mean
+                              for d in datasets if (d, method, k) in groups]
+                    if len(values) == len(datasets):
+                        points.append((k, sum(values) / len(values), 0.0))
+                elif (panel, method, k) in groups:
+                    stat = Stat.of([r["metrics"]["accuracy"] for r in groups[(panel, method, k)]])
+                    points.append((k, stat.mean, stat.std))
+            if points:
+                axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                              marker="o", capsize=3, label=method)
+        axis.set_xscale("log", base=2)
+        axis.set_title(panel)
+        axis.set_xlabel("shots per class")
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_base2new(table: Table, path: str) -> bool:
+    """Grouped bars of base / new / H per dataset (and the average), one colour per method."""
+    plt = _pyplot()
+    if plt is None or not table.rows:
+        return False
+    panels = list(dict.fromkeys(row[0] for row in table.rows))
+    methods = sorted({row[1] for row in table.rows})
+    values = {(row[0], row[1]): row[2:5] for row in table.rows}
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    width = 0.8 / len(methods)
+    for axis, panel in zip(axes.flat, panels):
+        for i, method in enumerate(methods):
+            stats = values.get((panel, method))
+            if stats is None:
+                continue
+            axis.bar([j + i * width for j in range(3)], [s.mean for s in stats], width,
+                     yerr=[s.std or 0.0 for s in stats], capsize=2, label=method)
+        axis.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(3)], ["base", "new", "H"])
+        axis.set_title(panel.replace("**", ""))
+        axis.set_ylabel("top-1 accuracy (%)")
+        axis.grid(axis="y", alpha=0.3)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def _headline(result: dict) -> tuple[str, float]:
+    metrics = result["metrics"]
+    for key in ("hm", "accuracy", "average", "source"):
+        if key in metrics:
+            return {"hm": "H", "accuracy": "accuracy", "average": "target average", "source": "source"}[key], \
+                metrics[key]
+    raise KeyError("no headline metric")
+
+
+def plot_ablation(results: list[dict], option: str, path: str) -> bool:
+    """The headline metric (H, accuracy or target average) against a method option (β by default), one line per
+    (protocol, dataset, method, shots); drawn only where at least two values of the option were run."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    groups = _group([r for r in results if option in (r.get("method_options") or {})],
+                    "protocol", "dataset", "method", "preset", "shots")
+    lines = []
+    for key, runs in sorted(groups.items()):
+        by_value: dict[float, list[float]] = defaultdict(list)
+        for run in runs:
+            value = run["method_options"][option]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                by_value[float(value)].append(_headline(run)[1])
+        if len(by_value) >= 2:
+            lines.append((key, _headline(runs[0])[0], sorted(by_value.items())))
+    if not lines:
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for (protocol, dataset, method, _, shots), metric, points in lines:
+        stats = [Stat.of(values) for _, values in points]
+        axis.errorbar([v for v, _ in points], [s.mean for s in stats], yerr=[s.std for s in stats], marker="o",
+                      capsize=3, label=f"{method} {dataset} {protocol} {shots}-shot ({metric})")
+    axis.set_xlabel(option)
+    axis.set_ylabel("top-1 accuracy (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+def render(tables: Sequence[Table]) -> str:
+    if not tables:
+        return "No finished runs (results.json) found.\n"
+    return "\n".join(table.markdown() for table in tables)
+
+
+def write_report(runs_dir: str, out: str, *, protocol: str | None = None, plots: bool = True,
+                 ablate: str = "beta") -> tuple[str, list[str]]:
+    """Build the tables of every finished run under ``runs_dir``; write ``report.md``, CSVs and plots to ``out``.
+
+    Returns the Markdown text and the paths written.
+    """
+    results = load_results(runs_dir, protocol)
+    tables = build_tables(results)
+    markdown = render(tables)
+    os.makedirs(out, exist_ok=True)
+    written = [os.path.join(out, "report.md")]
+    with open(written[0], "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    for table in tables:
+        path = os.path.join(out, f"{table.name}.csv")
+        table.write_csv(path)
+        written.append(path)
+    if plots:
+        few_shot = [r for r in results if r["protocol"] == "few_shot"]
+        if few_shot and plot_few_shot(few_shot, os.path.join(out, "few_shot_curves.png")):
+            written.append(os.path.join(out, "few_shot_curves.png"))
+        for table in tables:
+            if table.name == "base2new" and plot_base2new(table, os.path.join(out, "base2new_bars.png")):
+                written.append(os.path.join(out, "base2new_bars.png"))
+        if plot_ablation(results, ablate, os.path.join(out, f"ablation_{ablate}.png")):
+            written.append(os.path.join(out, f"ablation_{ablate}.png"))
+    return markdown, written
