@@ -1,0 +1,16 @@
+"""Checkpoints of the original code bases (CoOp, CoCoOp, PLOT, MaPLe, ALIGN/MMP, IVLP, PromptSRC, VPT).
+
+* :func:`import_original` — an original ``model.pth.tar-<epoch>`` → our method with its parameters, read by a
+  restricted unpickler that never executes code from the file (:mod:`vlprompt.compat.unpickler`).
+* :func:`export_original` — our method's parameters → a checkpoint in the original names and shapes.
+* :func:`read_original` — the translated tensors and inferred options, without building a model.
+
+The name and shape mappings are data in :mod:`vlprompt.compat.mappings`; docs/compat.md has the tables.
+"""
+
+from vlprompt.compat.convert import OriginalCheckpoint, export_original, import_original, read_original
+from vlprompt.compat.mappings import SOURCES
+from vlprompt.compat.unpickler import Placeholder, load_pickled
+
+__all__ = ["SOURCES", "OriginalCheckpoint", "Placeholder", "export_original", "import_original", "load_pickled",
+           "read_original"]
