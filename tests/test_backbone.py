@@ -201,3 +201,19 @@ def test_bad_weight_files_give_clear_errors(tmp_path):
         load_clip("ViT-Q-99")
     with pytest.raises(ConfigError, match="precision"):
         load_clip("tiny", precision="fp8")
+
+
+def test_openai_format_state_dict_loads_into_quickgelu_architecture(tmp_path, images):
+    """OpenAI's released state dicts use open_clip's key names plus three scalar entries open_clip drops."""
+    source = load_clip("tiny-quickgelu")
+    state = dict(source.model.state_dict())
+    assert "visual.conv1.weight" in state and "transformer.resblocks.0.attn.in_proj_weight" in state
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    with torch.no_grad():
+        state = {k: (v + 0.01 if k == "visual.proj" else v) for k, v in state.items()}
+    path = tmp_path / "openai_style.pt"
+    torch.save(state, path)
+    loaded = load_clip("tiny-quickgelu", pretrained=path)
+    with torch.no_grad():
+        assert torch.equal(loaded.visual.proj, state["visual.proj"])
+        assert not torch.equal(loaded.encode_image(images).features, source.encode_image(images).features)
