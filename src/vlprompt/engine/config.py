@@ -97,7 +97,8 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation: batch size, and the target datasets of the transfer protocols (empty = the protocol's)."""
+    """Evaluation: batch size, and the target datasets of the transfer protocols (empty = the protocol's); a
+    target is a dataset name, or ``name@root`` for one with its own data root (a custom folder)."""
 
     batch_size: int = 100
     targets: list[str] = field(default_factory=list)
@@ -387,8 +388,8 @@ def validate(config: RunConfig) -> None:
     normalize_protocol(config.protocol)
     _check_method(config.method.name)
     _check_dataset("data.dataset", config.data.dataset)
-    for target in config.eval.targets:
-        _check_dataset("eval.targets", target)
+    for target in config.eval.targets:  # "name" or "name@root"
+        _check_dataset("eval.targets", target.partition("@")[0])
     if config.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
