@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def test_run_base2new_then_report_shows_the_numbers_of_the_results_files(base2ne
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps
 
 
-def test_eval_command_reproduces_the_new_class_accuracy_of_the_run(base2new_runs, tree, capsys):
+def test_eval_command_reproduces_the_new_class_accuracy_of_the_run(base2new_runs, tree, tmp_path, capsys):
     out, _ = base2new_runs
     run = next(p.parent for p in out.rglob("results.json") if "maple" in str(p) and "seed_2" in str(p))
     stored = json.loads((run / "results.json").read_text())["evaluations"]["new"]
@@ -109,6 +110,16 @@ def test_eval_command_reproduces_the_new_class_accuracy_of_the_run(base2new_runs
     assert f"accuracy {stored['accuracy']:.2f}%" in capsys.readouterr().out
     record = json.loads((run / "eval" / "custom_folder-new.json").read_text())
     assert record["per_class_accuracy"] == stored["per_class_accuracy"]
+
+    # a bare prompts file (as `vlprompt import-original` writes) evaluates the same with the backbone given
+    prompts = tmp_path / "maple.safetensors"
+    shutil.copy(run / "prompts.safetensors", prompts)
+    assert main(["eval", str(prompts), "--dataset", "custom_folder", "--data-root", str(tree), "--classes", "new",
+                 "--backbone", "tiny", "--pretrained", "none", "--device", "cpu", "--quiet"]) == 0
+    assert f"accuracy {stored['accuracy']:.2f}%" in capsys.readouterr().out
+    assert json.loads((tmp_path / "maple.eval-custom_folder-new.json").read_text())["correct"] == stored["correct"]
+    assert main(["eval", str(prompts), "--quiet"]) == 2
+    assert "--dataset is required" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tree, tmp_path, monkeypatch, capsys):
@@ -223,4 +234,4 @@ def test_methods_command_lists_methods_and_presets(capsys):
     out = capsys.readouterr().out
     for name in available():
         assert re.search(rf"^{name}\s", out, re.MULTILINE)
-    assert "base2new+paper" in out
+    assert re.search(r"^align\s+default, paper\s", out, re.MULTILINE)

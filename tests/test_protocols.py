@@ -67,6 +67,15 @@ def test_cross_dataset_evaluates_source_and_targets_with_their_class_names(tmp_p
     assert results["metrics"]["average"] == results["metrics"][label]
     assert results["train_classes"] == "all"
 
+    # cross_domain evaluates the same source model: it reuses the prompts instead of training again
+    domain_cfg = config(tmp_path, trees, method="coop", protocol="cross_domain", shots=2,
+                        overrides=[f"eval.targets=[custom_folder@{target}]"])
+    domain = run_experiment(domain_cfg)
+    domain_folder, source_folder = RunFolder(run_dir(domain_cfg)), RunFolder(run_dir(cfg))
+    assert "reusing the prompts trained by" in open(domain_folder.log_file).read()
+    assert open(domain_folder.prompts_file, "rb").read() == open(source_folder.prompts_file, "rb").read()
+    assert domain["metrics"] == results["metrics"] and domain["training"] == results["training"]
+
 
 def test_zero_shot_run_trains_nothing_and_still_writes_a_complete_run(tmp_path, trees):
     cfg = config(tmp_path, trees, method="zeroshot", protocol="few_shot", shots=1)

@@ -7,6 +7,8 @@
 * ``cross_dataset`` — train on a source (ImageNet, all classes, 16 shots); test on the source and on each target
                       dataset with the target's own class names and template.
 * ``cross_domain``  — the same with ImageNet-V2 / -Sketch / -A / -R as targets (A and R: their 200-class sets).
+                      The source model is the same as cross_dataset's: when one of the two protocols has trained
+                      it with identical settings, the other reuses its prompts and only evaluates.
 
 :func:`run_experiment` runs one (protocol, dataset, method, shots, seed) into its run folder (resuming an
 unfinished one, skipping a finished one); :func:`sweep` loops methods × datasets × shots × seeds.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -109,8 +112,18 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
     train_splits = subsample_classes(splits, protocol.train_classes)
     method = build_method(config.method.name, clip, train_splits.classnames, train_splits.template,
                           **config.method.options).to(device)
+    log.info("%s (preset %s) on %s, %s classes: %d training images of %d classes (%d shots, seed %d); backbone "
+             "%s on %s, %s", config.method.name, config.preset, config.data.dataset, protocol.train_classes,
+             len(train_splits.train), train_splits.num_classes, config.data.shots, config.seed, clip.name, device,
+             config.precision)
 
-    if os.path.isfile(folder.prompts_file):  # trained earlier; the evaluation was interrupted
+    shared = None if os.path.isfile(folder.prompts_file) else _trained_sibling(config)
+    if shared is not None:  # cross_dataset and cross_domain evaluate the same source model (METHOD_SPEC §4.5)
+        log.info("reusing the prompts trained by %s (same source training)", shared.path)
+        shutil.copyfile(shared.prompts_file, folder.prompts_file)
+        if os.path.isfile(shared.metrics_file):
+            shutil.copyfile(shared.metrics_file, folder.metrics_file)
+    if os.path.isfile(folder.prompts_file):  # trained earlier (or by the sibling protocol)
         tensors, metadata = ckpt.load_prompts(folder.prompts_file)
         method.load_prompt_state_dict(tensors)
         training = metadata.get("training", {})
@@ -180,6 +193,25 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
         os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
     log.info("results: %s", ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items()))
     return results
+
+
+def _trained_sibling(config: RunConfig) -> RunFolder | None:
+    """The run of the other transfer protocol that trained exactly this source model, if it finished training."""
+    others = {"cross_dataset": "cross_domain", "cross_domain": "cross_dataset"}
+    if config.protocol not in others:
+        return None
+    sibling_config = RunConfig.from_dict({**config.to_dict(), "protocol": others[config.protocol]})
+    sibling = RunFolder(run_dir(sibling_config))
+    if not (os.path.isfile(sibling.prompts_file) and os.path.isfile(sibling.config_file)):
+        return None
+
+    def training_identity(run_config: RunConfig) -> dict:
+        identity = run_config.identity()
+        identity.pop("protocol")
+        identity["eval"].pop("targets")
+        return identity
+
+    return sibling if training_identity(sibling.config()) == training_identity(config) else None
 
 
 def _evaluation_sets(config: RunConfig, protocol: Protocol, splits, subsample_classes, build_dataset):

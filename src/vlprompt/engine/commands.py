@@ -6,6 +6,7 @@ Examples::
     vlprompt train --method align --protocol few_shot --dataset dtd --shots 4 --seed 1 --preset paper
     vlprompt train --method coop --dataset custom_folder --data-root ./my_images --set optim.epochs=20
     vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --classes new
+    vlprompt eval imported_maple.safetensors --dataset imagenet_a --data-root ~/data
     vlprompt report runs
 """
 
@@ -23,7 +24,14 @@ from typing import Any, Iterator
 
 import yaml
 
-from vlprompt.engine.config import PROTOCOL_NAMES, build_config, normalize_protocol, preset_variants, to_yaml
+from vlprompt.engine.config import (
+    PROTOCOL_NAMES,
+    build_config,
+    normalize_protocol,
+    preset_file,
+    preset_variants,
+    to_yaml,
+)
 from vlprompt.errors import ConfigError
 
 log = logging.getLogger("vlprompt")
@@ -54,11 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common_arguments(run)
     run.set_defaults(func=run_protocol)
 
-    evaluate = subparsers.add_parser("eval", help="evaluate the prompts of a finished run on a dataset",
-                                     description="Load a run folder's prompts.safetensors and evaluate them on a "
-                                     "dataset's test split (default: the run's dataset) with that dataset's "
-                                     "class names; writes <run>/eval/<dataset>-<classes>.json.")
-    evaluate.add_argument("run_dir", help="a run folder (holds config.json and prompts.safetensors)")
+    evaluate = subparsers.add_parser("eval", help="evaluate trained prompts (a run folder or a prompts file)",
+                                     description="Evaluate the prompts of a run folder (its prompts.safetensors, "
+                                     "backbone and options) or of a prompts.safetensors file (e.g. written by "
+                                     "`vlprompt import-original`; give --dataset and the backbone) on a dataset's "
+                                     "test split with that dataset's class names. Writes a JSON record next to the "
+                                     "prompts (<run>/eval/<dataset>-<classes>.json).")
+    evaluate.add_argument("source", help="a run folder, or a prompts.safetensors file")
     evaluate.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     evaluate.add_argument("--classes", choices=("all", "base", "new"), default="all", help="class set (default all)")
     evaluate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -67,6 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's")
     evaluate.add_argument("--batch-size", type=_int, help="test batch size (default: the run's)")
+    evaluate.add_argument("--backbone", help="architecture (default: the run's, else ViT-B-16-quickgelu)")
+    evaluate.add_argument("--pretrained", help="weights: open_clip tag, file or 'none' (default: the run's, else openai)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     evaluate.set_defaults(func=run_eval)
 
@@ -142,10 +154,22 @@ def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+class _TqdmHandler(logging.Handler):
+    """Writes log lines above the progress bars instead of through them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 @contextlib.contextmanager
 def console_logging(quiet: bool) -> Iterator[None]:
     """Log lines on stderr while a command runs (warnings only with --quiet)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.addHandler(handler)
@@ -222,20 +246,37 @@ def run_eval(args: argparse.Namespace) -> int:
     from vlprompt.data import ImageDataset, build_dataset, build_transform, subsample_classes
     from vlprompt.engine import checkpoint as ckpt
     from vlprompt.engine.checkpoint import atomic_write_text
+    from vlprompt.engine.config import RunConfig
     from vlprompt.engine.evaluate import evaluate
     from vlprompt.engine.runs import RunFolder
     from vlprompt.engine.trainer import resolve_device
     from vlprompt.methods import build_method
 
-    folder = RunFolder(args.run_dir)
-    config = folder.config()
+    if os.path.isfile(args.source):  # a prompts.safetensors file (e.g. from `vlprompt import-original`)
+        tensors, metadata = ckpt.load_prompts(args.source)
+        if "method" not in metadata:
+            raise ConfigError(f"{args.source} has no vlprompt header naming its method")
+        if not args.dataset:
+            raise ConfigError("--dataset is required to evaluate a prompts file")
+        config = RunConfig()
+        config.method.name, config.method.options = metadata["method"], dict(metadata.get("options") or {})
+        config.data.dataset, config.data.options = args.dataset, {}
+        out = f"{os.path.splitext(args.source)[0]}.eval-{args.dataset}-{args.classes}.json"
+    else:
+        folder = RunFolder(args.source)
+        config = folder.config()
+        tensors, _ = ckpt.load_prompts(folder.prompts_file)
+        out = os.path.join(folder.path, "eval", f"{args.dataset or config.data.dataset}-{args.classes}.json")
+    if args.backbone:
+        config.backbone.name = args.backbone
+    if args.pretrained:
+        config.backbone.pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dataset = args.dataset or config.data.dataset
-    same_dataset = dataset == config.data.dataset
+    options = dict(config.data.options) if dataset == config.data.dataset and not args.option else _options(
+        args.option)
     root = os.path.expanduser(args.data_root) if args.data_root else config.data.root
-    options = dict(config.data.options) if same_dataset and not args.option else _options(args.option)
     precision = args.precision or config.precision
     device = resolve_device(args.device or config.device)
-    tensors, _ = ckpt.load_prompts(folder.prompts_file)
     with console_logging(args.quiet):
         clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
         splits = subsample_classes(build_dataset(dataset, root, **options), args.classes)
@@ -246,9 +287,9 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate(method, ImageDataset(splits.test, transform),
                           batch_size=args.batch_size or config.eval.batch_size, precision=precision, device=device,
                           num_workers=config.data.num_workers, progress=not args.quiet, desc=f"eval {dataset}")
-    record = {"run": folder.path, "dataset": dataset, "class_set": args.classes, **result.to_dict()}
-    out = os.path.join(folder.path, "eval", f"{dataset}-{args.classes}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    record = {"source": args.source, "method": config.method.name, "backbone": clip.name, "dataset": dataset,
+              "class_set": args.classes, **result.to_dict()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"{config.method.name} on {dataset} ({args.classes} classes, {result.total} images"
           f"{f', {len(result.skipped)} unreadable skipped' if result.skipped else ''}): "
@@ -276,14 +317,18 @@ def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
 
     descriptions = getattr(methods, "DESCRIPTIONS", {})
     names = methods.available()
-    width = max(len(n) for n in names)
-    print(f"{'method':{width}}  presets (protocol: variants)                         description")
+    rows = []
     for name in names:
-        presets = []
-        for protocol in PROTOCOL_NAMES:
-            variants = preset_variants(name, protocol)
-            presets.append(protocol + ("+" + "+".join(variants[1:]) if len(variants) > 1 else ""))
-        print(f"{name:{width}}  {' '.join(presets):52} {descriptions.get(name, '')}")
+        variants = sorted({v for protocol in PROTOCOL_NAMES for v in preset_variants(name, protocol)} - {"default"})
+        missing = [protocol for protocol in PROTOCOL_NAMES if preset_file(name, protocol) is None]
+        presets = "default" + "".join(f", {v}" for v in variants) + (f" (none for {', '.join(missing)})"
+                                                                      if missing else "")
+        rows.append((name, presets, descriptions.get(name, "")))
+    width = max(len(n) for n in names)
+    preset_width = max(len(r[1]) for r in rows)
+    print(f"{'method':{width}}  {'presets':{preset_width}}  description")
+    for name, presets, description in rows:
+        print(f"{name:{width}}  {presets:{preset_width}}  {description}")
     return 0
 
 

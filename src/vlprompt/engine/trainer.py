@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -80,8 +82,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def check_autocast(device: torch.device, precision: str) -> None:
     dtype = AUTOCAST_DTYPES[precision]
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with torch.autocast(device_type=device.type, dtype=dtype):
@@ -153,7 +153,7 @@ def fit(
     summary = TrainSummary()
     counters = {"skipped_steps": 0, "train_seconds": 0.0}
 
-    resume = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path and _exists(checkpoint_path) else None
+    resume = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path and os.path.isfile(checkpoint_path) else None
     if resume is not None:
         if [s.name for s in stages] != resume["stage_names"]:
             raise CheckpointError(f"{checkpoint_path}: stages {resume['stage_names']} do not match the method's "
@@ -186,6 +186,8 @@ def fit(
             if resume["scaler"]:
                 scaler.load_state_dict(resume["scaler"])
             first_epoch = resume["epoch"]
+            if first_epoch >= last_epoch:  # the checkpoint ends this stage
+                continue
         log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d, %s",
                  stage.name, len(parameters), sum(p.numel() for p in parameters), first_epoch + 1, last_epoch,
                  stage_optim.epochs, stage_optim.lr, batch_size, precision)
@@ -223,12 +225,6 @@ def fit(
     summary.seconds = counters["train_seconds"]
     summary.skipped_images = len(getattr(train_set, "skipped", []))
     return summary
-
-
-def _exists(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)
 
 
 def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, *, desc: str,
