@@ -56,6 +56,8 @@ def test_registry_names():
         "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
         "sun397", "dtd", "eurosat", "ucf101", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
         "custom_folder", "custom_csv", "split_json",
+        "toy_objects", "toy_shapes", "toy_colors", "toy_textures", "toy_objects_sketch", "toy_objects_pixel",
+        "toy_objects_inverted", "toy_objects_painted",
     ]
     with pytest.raises(ConfigError, match="unknown dataset 'pets'.*oxford_pets"):
         build_dataset("pets", "/tmp")

@@ -5,13 +5,17 @@ from __future__ import annotations
 from vlprompt.data.base import DatasetInfo, DatasetSplits
 from vlprompt.data.custom import CUSTOM_DATASETS
 from vlprompt.data.standard import STANDARD_DATASETS
+from vlprompt.data.toy import TOY_DATASETS
 from vlprompt.errors import ConfigError
 
-REGISTRY: dict[str, DatasetInfo] = {info.name: info for info in STANDARD_DATASETS + CUSTOM_DATASETS}
+REGISTRY: dict[str, DatasetInfo] = {
+    info.name: info for info in STANDARD_DATASETS + CUSTOM_DATASETS + TOY_DATASETS
+}
 
 
 def available_datasets() -> list[str]:
-    """The 15 standard dataset names (CoOp order), then ``custom_folder``, ``custom_csv``, ``split_json``."""
+    """The 15 standard dataset names (CoOp order), then ``custom_folder``, ``custom_csv``, ``split_json``, then the
+    bundled toy-world datasets (``toy_objects``, …)."""
     return list(REGISTRY)
 
 
