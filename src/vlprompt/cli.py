@@ -17,8 +17,12 @@ from vlprompt.errors import VlpromptError
 # Modules that provide ``register(subparsers)``. Listed explicitly: no import side effects register anything.
 COMMAND_MODULES = [
     "vlprompt.data.commands",
+    "vlprompt.bench_commands",
     "vlprompt.engine.commands",
     "vlprompt.compat.commands",
+    "vlprompt.use_commands",
+    "vlprompt.toyworld.commands",
+    "vlprompt.demo",
 ]
 
 
