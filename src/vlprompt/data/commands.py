@@ -1,4 +1,4 @@
-"""Command-line tools for data: ``vlprompt datasets``, ``vlprompt data verify`` and ``vlprompt data sample``."""
+"""Command-line tools for data: ``vlprompt datasets``, ``vlprompt data verify|sample|prepare``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from vlprompt.data.base import missing_files
 from vlprompt.data.fewshot import items_to_json, sample_few_shot
+from vlprompt.data.prepare import DEFAULT_TIMEOUT, MissingFiles, prepare
 from vlprompt.data.registry import REGISTRY, dataset_info
 from vlprompt.data.standard import BLOBS
 from vlprompt.errors import ConfigError
@@ -38,6 +39,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--cache-dir", help="few-shot cache folder (default: $VLPROMPT_CACHE/fewshot or "
                         "~/.cache/vlprompt/fewshot)")
     sample.set_defaults(func=run_sample)
+
+    prep = commands.add_parser(
+        "prepare", help="arrange the official archives of a dataset into the layout the loaders read, then verify",
+        description="Extract or link the official files of a dataset into ROOT (the CoOp layout), verify the "
+        "result and move it into place atomically. Without --from and --download it prints what to fetch. "
+        "Re-running on a prepared root does nothing; an interrupted run is simply re-run.",
+    )
+    prep.add_argument("--dataset", required=True, help="registry name (see `vlprompt datasets`)")
+    prep.add_argument("--root", required=True, help="data root")
+    prep.add_argument("--from", dest="sources", action="append", default=[], metavar="PATH",
+                      help="an official archive or file, the folder it extracts to, a folder holding the "
+                      "downloads, or a user-supplied split file (repeatable)")
+    prep.add_argument("--download", action="store_true",
+                      help="fetch missing files from the official hosts where they still serve them "
+                      "(into ROOT/downloads/)")
+    prep.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                      help=f"seconds to wait for a download host (default {DEFAULT_TIMEOUT:g})")
+    prep.set_defaults(func=run_prepare)
 
 
 def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,3 +149,17 @@ def run_sample(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    try:
+        result = prepare(args.dataset, args.root, args.sources, download=args.download, timeout=args.timeout,
+                         log=print)
+    except MissingFiles as missing:
+        if args.sources or args.download:
+            raise
+        print(f"{args.dataset} is not prepared under {os.path.abspath(os.path.expanduser(args.root))}.")
+        print(missing.instructions)
+        return 1
+    print(f"{result.dataset}: {result.action} in {result.folder}")
+    return run_verify(argparse.Namespace(dataset=args.dataset, root=args.root, option=[]))
