@@ -279,8 +279,8 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
     for _ in range(1, max_iter):
         if not bool(active.any()):
             break
-        r_min, r_max = torch.aminmax(torch.where(active[:, None], r + row_pad, 1.0))
-        c_min, c_max = torch.aminmax(torch.where(active[:, None], c + col_pad, 1.0))
+        r_min, r_max = torch.aminmax(torch.where(active[:, None], r.detach() + row_pad, 1.0))
+        c_min, c_max = torch.aminmax(torch.where(active[:, None], c.detach() + col_pad, 1.0))
         if float(torch.minimum(r_min, c_min)) < 1 / bound or float(torch.maximum(r_max, c_max)) > bound:
             # Absorb the scalings of the active problems into the kernel and its log-potentials (log 0 = -inf on
             # padding, kept out of the gradient). Entries that matter are rescaled, exact to rounding; only
