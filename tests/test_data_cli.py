@@ -90,3 +90,11 @@ def test_sample_writes_the_subset(root, tmp_path, capsys):
 def test_data_without_subcommand(capsys):
     assert main(["data"]) == 1
     assert "verify" in capsys.readouterr().out
+
+
+def test_status_table_of_all_standard_datasets(root, capsys):
+    assert main(["data", "status", "--root", str(root)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["dtd"].split()[1] == "present" and "2820/1128/1692 images, 47 classes" in lines["dtd"]
+    assert lines["imagenet"].split()[1] == "missing"
+    assert not any(name.startswith(("toy_", "custom")) for name in lines)

@@ -12,7 +12,7 @@ from vlprompt.data.fewshot import items_to_json, sample_few_shot
 from vlprompt.data.prepare import DEFAULT_TIMEOUT, MissingFiles, prepare
 from vlprompt.data.registry import REGISTRY, dataset_info
 from vlprompt.data.standard import BLOBS
-from vlprompt.errors import ConfigError
+from vlprompt.errors import ConfigError, VlpromptError
 
 SHOW_MISSING = 20
 
@@ -31,6 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _dataset_arguments(verify)
     verify.set_defaults(func=run_verify)
 
+    status = commands.add_parser(
+        "status", help="one table of the 15 standard datasets under a root: present / missing / incomplete")
+    status.add_argument("--root", required=True, help="the data root")
+    status.set_defaults(func=run_status)
     sample = commands.add_parser("sample", help="write the few-shot subset of a seed as JSON (path, label, classname)")
     _dataset_arguments(sample)
     sample.add_argument("--shots", type=int, required=True, help="images per class (k)")
@@ -132,6 +136,38 @@ def run_verify(args: argparse.Namespace) -> int:
         print(f"  all {len(paths)} images present")
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def dataset_status(info, root: str) -> tuple[str, str]:
+    """``(state, detail)`` of one standard dataset under ``root``: ``present``, ``missing`` or ``incomplete``."""
+    try:
+        splits = info.build(root, check_files=False)
+    except VlpromptError as error:
+        text = str(error)
+        return ("missing" if "does not exist" in text or "not found" in text else "incomplete"), text.split(";")[0]
+    counts = tuple(len(splits.split(which)) for which in ("train", "val", "test"))
+    paths = [d.path for which in ("train", "val", "test") for d in splits.split(which)]
+    absent = len(missing_files(paths))
+    expected = (info.counts.train, info.counts.val, info.counts.test)
+    detail = f"{counts[0]}/{counts[1]}/{counts[2]} images, {splits.num_classes} classes"
+    if absent or counts != expected or splits.num_classes != info.counts.classes:
+        return "incomplete", detail + (f", {absent} images missing" if absent else "") + \
+            f" (expected {expected[0]}/{expected[1]}/{expected[2]}, {info.counts.classes} classes)"
+    return "present", detail
+
+
+def run_status(args: argparse.Namespace) -> int:
+    print(f"{'name':16} {'state':11} details")
+    states = []
+    for info in REGISTRY.values():
+        if info.counts is None:  # custom and toy datasets have no expected counts
+            continue
+        state, detail = dataset_status(info, args.root)
+        states.append(state)
+        print(f"{info.name:16} {state:11} {detail}")
+    print(f"{states.count('present')} present, {states.count('incomplete')} incomplete, "
+          f"{states.count('missing')} missing (vlprompt data prepare --dataset NAME --root {args.root})")
+    return 0
 
 
 def run_sample(args: argparse.Namespace) -> int:
