@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "vlprompt.bench_commands",
     "vlprompt.engine.commands",
     "vlprompt.compat.commands",
+    "vlprompt.reproduce_commands",
     "vlprompt.use_commands",
     "vlprompt.toyworld.commands",
     "vlprompt.demo",

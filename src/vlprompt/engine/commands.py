@@ -91,6 +91,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--out", help="where report.md, CSV files and plots go (default RUNS_DIR/report)")
     report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     report.add_argument("--ablate", default="beta", help="method option the ablation plot varies (default beta)")
+    report.add_argument("--compare", choices=("paper",),
+                        help="put every cell beside the published number (vlprompt.reference): ours mean ± std, "
+                        "paper, difference, flagged when the paper lies outside ours ± max(2·std, 1 point)")
+    report.add_argument("--table", dest="reference_tables", type=_names,
+                        help="with --compare: reference table(s) to compare with (default: every table with "
+                        "matching runs; see `vlprompt reproduce --list`)")
     report.set_defaults(func=run_report)
 
     methods = subparsers.add_parser("methods", help="list the methods and their presets per protocol")
@@ -304,8 +310,10 @@ def run_report(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.runs_dir} is not a folder")
     protocol = normalize_protocol(args.protocol) if args.protocol else None
     out = args.out or os.path.join(args.runs_dir, "report")
+    if args.reference_tables and not args.compare:
+        raise ConfigError("--table needs --compare paper")
     markdown, files = write_report(args.runs_dir, out, protocol=protocol, plots=not args.no_plots,
-                                   ablate=args.ablate)
+                                   ablate=args.ablate, compare=args.compare, reference_tables=args.reference_tables)
     print(markdown, end="")
     for file in files:
         print(f"wrote {file}", file=sys.stderr)
