@@ -11,11 +11,15 @@
                       it with identical settings, the other reuses its prompts and only evaluates.
 
 :func:`run_experiment` runs one (protocol, dataset, method, shots, seed) into its run folder (resuming an
-unfinished one, skipping a finished one); :func:`sweep` loops methods × datasets × shots × seeds.
+unfinished one, skipping a finished one); :func:`sweep` loops methods × datasets × shots × seeds in this process
+(:func:`vlprompt.sweep.run_sweep` runs them in parallel worker processes). Launched by ``torchrun``, every
+process calls :func:`run_experiment` with the same config; they train and evaluate together and rank 0 alone
+writes the run folder (:mod:`vlprompt.engine.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine import distributed
 from vlprompt.engine.config import RunConfig, build_config, normalize_protocol
 from vlprompt.engine.evaluate import evaluate
 from vlprompt.engine.runs import RunFolder, environment, run_dir
@@ -81,18 +86,24 @@ def parse_target(target: str, default_root: str) -> tuple[str, str, str]:
 
 
 def run_experiment(config: RunConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) one experiment; return the content of its ``results.json``."""
+    """Run (or resume, or skip if finished) one experiment; return the content of its ``results.json``.
+
+    Under ``torchrun`` this joins the process group (NCCL on CUDA, else gloo); every rank returns rank 0's
+    results.
+    """
+    world = distributed.init(resolve_device(config.device))
     folder = RunFolder(run_dir(config))
-    status = folder.prepare(config, overwrite=overwrite)
+    status = distributed.on_main(folder.prepare, config, overwrite=overwrite)
     if status == "finished":
         log.info("%s: finished already (use --overwrite to run it again)", folder.path)
-        return folder.results()
-    with folder.logging_to_file(log):
-        log.info("%s run %s", "resuming" if status == "partial" else "starting", folder.path)
-        return _run(config, folder)
+        return distributed.on_main(folder.results)
+    with folder.logging_to_file(log) if world.main else contextlib.nullcontext():
+        log.info("%s run %s%s", "resuming" if status == "partial" else "starting", folder.path,
+                 f" on {world.size} processes ({world.backend})" if world.size > 1 else "")
+        return _run(config, folder, world)
 
 
-def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
+def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict[str, Any]:
     from vlprompt.backbone import describe, load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform, sample_few_shot, subsample_classes
     from vlprompt.methods import build_method
@@ -117,29 +128,19 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
              len(train_splits.train), train_splits.num_classes, config.data.shots, config.seed, clip.name, device,
              config.precision)
 
-    shared = None if os.path.isfile(folder.prompts_file) else _trained_sibling(config)
-    if shared is not None:  # cross_dataset and cross_domain evaluate the same source model (METHOD_SPEC §4.5)
-        log.info("reusing the prompts trained by %s (same source training)", shared.path)
-        shutil.copyfile(shared.prompts_file, folder.prompts_file)
-        if os.path.isfile(shared.metrics_file):
-            shutil.copyfile(shared.metrics_file, folder.metrics_file)
-    if os.path.isfile(folder.prompts_file):  # trained earlier (or by the sibling protocol)
-        tensors, metadata = ckpt.load_prompts(folder.prompts_file)
+    # Rank 0 reads the run folder; the other ranks receive what it found.
+    earlier = distributed.on_main(_trained_earlier, config, folder)
+    if earlier is not None:  # trained earlier (or by the sibling protocol)
+        tensors, metadata = earlier
         method.load_prompt_state_dict(tensors)
         training = metadata.get("training", {})
         log.info("training finished earlier; loaded %s", folder.prompts_file)
     else:
-        if os.path.isfile(folder.checkpoint_file):
-            state = ckpt.load_checkpoint(folder.checkpoint_file)
-            names = state["stage_names"]
-            done = {name: (state["epoch"] if i == state["stage"] else 10**9) for i, name in enumerate(names)
-                    if i <= state["stage"]}
-            folder.keep_metrics(done)
         summary = fit(method, ImageDataset(train_splits.train, train_transform), optim=config.optim,
                       batch_size=config.data.batch_size, seed=config.seed, precision=config.precision,
                       device=device, num_workers=config.data.num_workers, checkpoint_path=folder.checkpoint_file,
-                      on_epoch=folder.append_metrics, progress=config.progress)
-        history = folder.metrics()
+                      on_epoch=folder.append_metrics if world.main else None, progress=config.progress)
+        history = distributed.on_main(folder.metrics)
         training = {
             "epochs": sum(1 for r in history if "epoch" in r),
             "final_loss": history[-1]["loss"] if history else None,
@@ -152,7 +153,8 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
                     "classnames": list(train_splits.classnames), "template": train_splits.template,
                     "stages": [s.name for s in method.stages()], "training": training,
                     "vlprompt": environment()["vlprompt"], "config": config.to_dict()}
-        ckpt.save_prompts(folder.prompts_file, method.prompt_state_dict(), metadata)
+        if world.main:
+            ckpt.save_prompts(folder.prompts_file, method.prompt_state_dict(), metadata)
 
     evaluations: dict[str, Any] = {}
     eval_sets = _evaluation_sets(config, protocol, splits, subsample_classes, build_dataset)
@@ -161,7 +163,7 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
         method.set_classnames(target.classnames, target.template)
         result = evaluate(method, ImageDataset(target.test, test_transform), batch_size=config.eval.batch_size,
                           precision=config.precision, device=device, num_workers=config.data.num_workers,
-                          progress=config.progress, desc=f"eval {label}")
+                          progress=config.progress, desc=f"eval {label}")  # split over the ranks
         eval_seconds += result.seconds
         evaluations[label] = {"dataset": dataset_name, "class_set": class_set, **result.to_dict()}
         log.info("%s (%s, %s classes, %d images): accuracy %.2f%%", label, dataset_name, class_set, result.total,
@@ -187,12 +189,34 @@ def _run(config: RunConfig, folder: RunFolder) -> dict[str, Any]:
         "this_session_s": round(time.perf_counter() - started, 3),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config_fingerprint": config.fingerprint(),
+        "processes": world.size,
     }
-    folder.write_results(results)
-    if os.path.isfile(folder.checkpoint_file):
-        os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
+    if world.main:
+        folder.write_results(results)
+        if os.path.isfile(folder.checkpoint_file):
+            os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
     log.info("results: %s", ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items()))
-    return results
+    return distributed.broadcast_object(results)  # also waits for rank 0's writes
+
+
+def _trained_earlier(config: RunConfig, folder: RunFolder) -> tuple[dict, dict] | None:
+    """The prompts and metadata of a run whose training finished earlier (or the sibling transfer protocol's,
+    copied in); None if it must train — then metrics past its checkpoint (if any) are dropped."""
+    shared = None if os.path.isfile(folder.prompts_file) else _trained_sibling(config)
+    if shared is not None:  # cross_dataset and cross_domain evaluate the same source model (METHOD_SPEC §4.5)
+        log.info("reusing the prompts trained by %s (same source training)", shared.path)
+        shutil.copyfile(shared.prompts_file, folder.prompts_file)
+        if os.path.isfile(shared.metrics_file):
+            shutil.copyfile(shared.metrics_file, folder.metrics_file)
+    if os.path.isfile(folder.prompts_file):
+        return ckpt.load_prompts(folder.prompts_file)
+    if os.path.isfile(folder.checkpoint_file):
+        state = ckpt.load_checkpoint(folder.checkpoint_file)
+        names = state["stage_names"]
+        done = {name: (state["epoch"] if i == state["stage"] else 10**9) for i, name in enumerate(names)
+                if i <= state["stage"]}
+        folder.keep_metrics(done)
+    return None
 
 
 def _trained_sibling(config: RunConfig) -> RunFolder | None:

@@ -1,13 +1,19 @@
-"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``eval``, ``report``, ``methods``.
+"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``sweep``, ``eval``, ``report``,
+``methods``.
 
 Examples::
 
     vlprompt run base2new --methods coop,maple --seeds 1,2,3 --data-root ~/data --output runs
     vlprompt train --method align --protocol few_shot --dataset dtd --shots 4 --seed 1 --preset paper
     vlprompt train --method coop --dataset custom_folder --data-root ./my_images --set optim.epochs=20
+    torchrun --nproc-per-node 4 -m vlprompt.cli train --method align --dataset imagenet --data-root ~/data
+    vlprompt sweep grid.yaml --workers 4        # or --slurm: write a SLURM array script instead
     vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --classes new
     vlprompt eval imported_maple.safetensors --dataset imagenet_a --data-root ~/data
     vlprompt report runs
+
+``train`` and ``run`` work unchanged under ``torchrun`` (one process per GPU, data-parallel; see
+:mod:`vlprompt.engine.distributed`).
 """
 
 from __future__ import annotations
@@ -102,6 +108,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     methods = subparsers.add_parser("methods", help="list the methods and their presets per protocol")
     methods.set_defaults(func=run_methods)
 
+    sweep = subparsers.add_parser("sweep", help="run a grid of runs with parallel workers, or write a SLURM array",
+                                  description="Expand a grid (protocols x methods x datasets x shots x seeds) from a "
+                                  "YAML file and/or the options below (options win) and run it with parallel worker "
+                                  "processes, one GPU each when there are GPUs. Finished runs are skipped and "
+                                  "interrupted ones resume, so re-running the same command finishes what is missing. "
+                                  "--slurm writes a jobs file and a SLURM array script instead. Then: vlprompt report "
+                                  "OUTPUT. Grid file keys: protocols, methods, datasets, shots, seeds, preset, config "
+                                  "(config values for every run), set (KEY=VALUE overrides for every run).")
+    sweep.add_argument("grid", nargs="?", help="YAML grid file (see docs/reproduce.md, 'Multi-GPU and sweeps')")
+    sweep.add_argument("--protocols", "--protocol", type=_names, help="comma-separated protocols")
+    sweep.add_argument("--methods", type=_names, help="comma-separated method names")
+    sweep.add_argument("--datasets", type=_names, help="comma-separated datasets (default: the protocol's)")
+    sweep.add_argument("--shots", type=_ints, help="comma-separated shot counts (default: the protocol's)")
+    sweep.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 1,2,3)")
+    sweep.add_argument("--workers", type=_int, help="parallel local jobs (default: one per visible GPU, else 1)")
+    sweep.add_argument("--devices", help="GPU ids handed to the workers in turn through CUDA_VISIBLE_DEVICES, e.g. "
+                       "0,1,2,3; 0+1,2+3 gives each job two GPUs (with a torchrun --launcher) (default: every "
+                       "visible GPU)")
+    sweep.add_argument("--launcher", help="command that starts each job, e.g. 'torchrun --standalone "
+                       "--nproc-per-node 2' (default: this Python)")
+    sweep.add_argument("--slurm", action="store_true", help="write a jobs file and a SLURM array script (in "
+                       "OUTPUT/sweep/) instead of running; --workers caps the array's parallel tasks")
+    sweep.add_argument("--gpus-per-job", type=_int, default=1, help="--slurm: GPUs per array task (> 1: torchrun)")
+    sweep.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
+                       help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--partition=gpu (repeatable)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    _common_arguments(sweep)
+    sweep.set_defaults(func=run_sweep_command, preset=None)
+
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="default",
@@ -174,10 +209,13 @@ class _TqdmHandler(logging.Handler):
 
 @contextlib.contextmanager
 def console_logging(quiet: bool) -> Iterator[None]:
-    """Log lines on stderr while a command runs (warnings only with --quiet)."""
+    """Log lines on stderr while a command runs (warnings only with --quiet; errors only on the ranks > 0 of a
+    ``torchrun`` launch, which repeat rank 0's lines)."""
+    from vlprompt.engine.distributed import launched
+
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    handler.setLevel(logging.ERROR if not launched().main else logging.WARNING if quiet else logging.INFO)
     log.addHandler(handler)
     previous = log.level, log.propagate
     log.setLevel(logging.INFO)
@@ -211,6 +249,7 @@ def sigterm_interrupts() -> Iterator[None]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from vlprompt.engine import distributed
     from vlprompt.protocols import run_experiment
 
     config = build_config(method=args.method, protocol=args.protocol, dataset=args.dataset, shots=args.shots,
@@ -219,13 +258,15 @@ def run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    with console_logging(args.quiet), sigterm_interrupts():
+    with console_logging(args.quiet), sigterm_interrupts(), distributed.session():
         results = run_experiment(config, overwrite=args.overwrite)
-    print(_summary_line(results))
+    if distributed.launched().main:
+        print(_summary_line(results))
     return 0
 
 
 def run_protocol(args: argparse.Namespace) -> int:
+    from vlprompt.engine import distributed
     from vlprompt.engine.runs import RunFolder, run_dir
     from vlprompt.protocols import plan, sweep
 
@@ -240,11 +281,54 @@ def run_protocol(args: argparse.Namespace) -> int:
         for config in configs:
             print(f"{RunFolder(run_dir(config)).status():9} {run_dir(config)}")
         return 0
-    with console_logging(args.quiet), sigterm_interrupts():
+    with console_logging(args.quiet), sigterm_interrupts(), distributed.session():
         results = sweep(configs, overwrite=args.overwrite)
-    for result in results:
-        print(_summary_line(result))
+    if distributed.launched().main:
+        for result in results:
+            print(_summary_line(result))
     return 0
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    from vlprompt.engine.config import load_yaml
+    from vlprompt.engine.runs import RunFolder, run_dir
+    from vlprompt.sweep import expand_grid, run_sweep, write_slurm
+
+    grid = load_yaml(args.grid) if args.grid else {}
+    if args.protocols is not None:
+        grid.pop("protocol", None)
+    for key in ("protocols", "methods", "datasets", "shots", "seeds", "preset"):  # the options win
+        if getattr(args, key) is not None:
+            grid[key] = getattr(args, key)
+    configs = expand_grid(grid, config_file=args.config_file, overrides=args.overrides, cli=_cli_values(args))
+    if args.print_config:
+        print("---\n".join(to_yaml(config) for config in configs), end="")
+        return 0
+    if args.dry_run:
+        for config in configs:
+            print(f"{RunFolder(run_dir(config)).status():9} {run_dir(config)}")
+        return 0
+    devices = [group.replace("+", ",") for group in _names(args.devices)] if args.devices else None
+    launcher = shlex.split(args.launcher) if args.launcher else None
+    if args.slurm:
+        script, jobs, count = write_slurm(configs, overwrite=args.overwrite, gpus_per_job=args.gpus_per_job,
+                                          max_parallel=args.workers, options=args.slurm_option, launcher=launcher)
+        print(f"wrote {jobs} ({count} of {len(configs)} runs to do) and {script}")
+        print(f"submit with: sbatch {script}   then: vlprompt report {configs[0].output}" if count else
+              "every run is finished already")
+        return 0
+    with console_logging(args.quiet), sigterm_interrupts():
+        outcomes = run_sweep(configs, workers=args.workers, devices=devices, launcher=launcher,
+                             overwrite=args.overwrite)
+    failed = [o for o in outcomes if o.status == "failed"]
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "finished_before", "failed")}
+    print(f"{counts['done']} run(s) done, {counts['finished_before']} finished before, {counts['failed']} failed")
+    for outcome in failed:
+        print(f"failed (exit status {outcome.returncode}): {outcome.run_dir}; log: {outcome.log_file}")
+    print(f"tables: vlprompt report {configs[0].output}")
+    return 1 if failed else 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@
 ``method.encode_classes()`` (text features, token sets — whatever the method needs) does not depend on the image,
 so it is computed once under ``no_grad`` and passed to every ``method(images, class_side)`` call. Unreadable
 images are skipped and counted, never fatal.
+
+Under ``torchrun`` each rank classifies a contiguous shard of the test set and the per-class counts (and the
+unreadable images) are gathered, so every rank returns the single-process result.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vlprompt.engine import distributed
 from vlprompt.engine.trainer import autocast, log
 
 
@@ -61,6 +65,7 @@ def evaluate(
     from vlprompt.data import collate_skip_corrupt
 
     device = torch.device(device) if isinstance(device, str) else device
+    world = distributed.world()
     started = time.perf_counter()
     num_classes = len(method.classnames)
     correct_per_class = torch.zeros(num_classes, dtype=torch.long)
@@ -69,9 +74,10 @@ def evaluate(
     context = autocast(device, precision)
     with context:
         class_side = method.encode_classes()
-    loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    shard = test_set if world.size == 1 else Subset(test_set, distributed.shard(len(test_set)))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress or not world.main, dynamic_ncols=True):
         if batch is None:
             continue
         images, labels = batch
@@ -80,8 +86,12 @@ def evaluate(
         hits = (logits.argmax(dim=-1).cpu() == labels).long()
         correct_per_class.index_add_(0, labels, hits)
         total_per_class.index_add_(0, labels, torch.ones_like(labels))
+    if world.size > 1:
+        correct_per_class, total_per_class = distributed.all_reduce_sum(torch.stack([correct_per_class,
+                                                                                    total_per_class]))
     correct, total = int(correct_per_class.sum()), int(total_per_class.sum())
-    skipped = list(getattr(test_set, "skipped", []))
+    # each rank read its own shard; shards are contiguous, so rank order is the dataset's order
+    skipped = [path for part in distributed.gather_objects(list(getattr(test_set, "skipped", []))) for path in part]
     if skipped:
         log.warning("%s: %d unreadable image(s) skipped, e.g. %s", desc, len(skipped), skipped[0])
     per_class = [100.0 * c / t if t else None for c, t in zip(correct_per_class.tolist(), total_per_class.tolist())]

@@ -82,17 +82,26 @@ class RunFolder:
             status = "new"
         if status == "finished":
             return status
-        trained = os.path.isfile(self.checkpoint_file) or os.path.isfile(self.prompts_file)
-        if status == "partial" and trained and os.path.isfile(self.config_file):
-            stored = RunConfig.from_dict(self.read_json(self.config_file))
-            differences = diff(stored.identity(), config.identity())
-            if differences:
-                shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:4])
-                raise ConfigError(f"{self.path} holds an unfinished run with other settings ({shown}); use "
-                                  f"--overwrite to discard it or --tag NAME for a separate run")
+        conflict = self.conflict(config)
+        if conflict:
+            raise ConfigError(conflict)
         os.makedirs(self.path, exist_ok=True)
         atomic_write_text(self.config_file, json.dumps(config.to_dict(), indent=2) + "\n")
         return status
+
+    def conflict(self, config: RunConfig) -> str | None:
+        """Why ``config`` cannot resume this folder (an unfinished run that trained with settings that change
+        results), or None."""
+        trained = os.path.isfile(self.checkpoint_file) or os.path.isfile(self.prompts_file)
+        if self.finished or not trained or not os.path.isfile(self.config_file):
+            return None
+        stored = RunConfig.from_dict(self.read_json(self.config_file))
+        differences = diff(stored.identity(), config.identity())
+        if not differences:
+            return None
+        shown = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:4])
+        return (f"{self.path} holds an unfinished run with other settings ({shown}); use --overwrite to discard it "
+                f"or --tag NAME for a separate run")
 
     def clear(self) -> None:
         for name in RUN_FILES:

@@ -10,24 +10,34 @@ same parameters as an uninterrupted one (the random states, including the sample
 Mixed precision: ``fp32``; ``bf16`` autocast; ``fp16`` autocast with a gradient scaler. A step whose loss or
 gradients are not finite is skipped (no parameter update), counted and logged — never a crash and never a
 silently corrupted model.
+
+Data order and augmentation depend only on the seed: each epoch's order is the seeded ``RandomSampler`` order,
+and each image's random augmentation is drawn under a torch seed derived from (seed, stage, epoch, image) — so
+the images a step sees and how they are augmented are the same with any number of data-loader workers or of
+processes. Under ``torchrun`` (:mod:`vlprompt.engine.distributed`) each process takes its share of every
+global batch of ``batch_size`` images and the gradients are averaged so that every step equals the
+single-process step; only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from vlprompt.engine import checkpoint as ckpt
+from vlprompt.engine import distributed
 from vlprompt.engine.config import OptimConfig
 from vlprompt.engine.optim import EpochSchedule, build_optimizer
 from vlprompt.errors import CheckpointError, ConfigError
@@ -51,17 +61,18 @@ class TrainSummary:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA if available, else MPS, else CPU."""
+    """``auto`` → CUDA if available, else MPS, else CPU. Under ``torchrun``, ``auto`` and ``cuda`` mean
+    ``cuda:LOCAL_RANK`` (one GPU per process)."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return distributed.local_cuda_device()
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
+    return distributed.local_cuda_device() if name == "cuda" else device
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -94,16 +105,81 @@ def check_autocast(device: torch.device, precision: str) -> None:
                           f"{device.type}; use fp32 or bf16")
 
 
+class EpochSampler(Sampler):
+    """One epoch of training indices, each paired with the seed of its augmentation: ``(index, seed)``.
+
+    The order is that of ``RandomSampler(range(size), generator=generator)``, cut into global batches of
+    ``batch_size`` (the last, partial one dropped when the set fills at least one batch, as Dassl does); rank
+    ``rank`` of ``world_size`` yields its contiguous share of every global batch. With one process that is the
+    plain ``RandomSampler`` order. Call :meth:`set_epoch` before each epoch: the augmentation seeds depend on
+    (``generator``'s seed, stage, epoch, index), never on the rank or the number of processes.
+    """
+
+    def __init__(self, size: int, batch_size: int, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.rank, self.world_size = rank, world_size
+        self.order = RandomSampler(range(size), generator=generator)
+        self.drop_last = size >= batch_size
+        self.global_batches = size // batch_size if self.drop_last else 1
+        self.epoch_key = (0, 0)
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        self.epoch_key = (stage, epoch)
+
+    def _share(self, batch_length: int) -> slice:
+        return slice(batch_length * self.rank // self.world_size, batch_length * (self.rank + 1) // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(self.order)
+        seeds = augmentation_seeds(self.generator.initial_seed(), self.epoch_key, self.size)
+        for start in range(0, self.global_batches * self.batch_size, self.batch_size):
+            for index in order[start:start + self.batch_size][self._share(min(self.batch_size, self.size))]:
+                yield index, seeds[index]
+
+    def __len__(self) -> int:
+        first = min(self.batch_size, self.size)  # every global batch has this length
+        return self.global_batches * len(range(first)[self._share(first)])
+
+
+def augmentation_seeds(seed: int, epoch_key: tuple[int, int], size: int) -> list[int]:
+    """One torch seed per image for one (stage, epoch) of a run with ``seed``."""
+    entropy = np.random.SeedSequence([seed, *epoch_key]).generate_state(2, np.uint32)
+    generator = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+    return torch.randint(0, 2**62, (size,), generator=generator).tolist()
+
+
+class SeededItems(Dataset):
+    """``dataset[index]`` drawn under torch's random state ``seed`` for the key ``(index, seed)`` (the random
+    transforms of torchvision draw from it); the caller's random state is left as it was."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
-                      device: torch.device | None = None) -> DataLoader:
-    """Random order drawn from ``generator``; ``drop_last`` only when the set fills at least one batch (Dassl)."""
+                      device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's batches (``batch_size / world_size`` images) of an :class:`EpochSampler` order drawn from
+    ``generator``; ``drop_last`` only when the set fills at least one global batch (Dassl)."""
     from vlprompt.data import collate_skip_corrupt
 
+    if batch_size % world_size:
+        raise ConfigError(f"data.batch_size ({batch_size}) must be a multiple of the number of processes "
+                          f"({world_size}), so that the global batch stays {batch_size} images")
+    sampler = EpochSampler(len(dataset), batch_size, generator, rank, world_size)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=RandomSampler(dataset, generator=generator),
-        drop_last=len(dataset) >= batch_size,
+        SeededItems(dataset),
+        batch_size=batch_size // world_size,
+        sampler=sampler,
+        drop_last=sampler.drop_last,
         num_workers=num_workers,
         collate_fn=collate_skip_corrupt,
         pin_memory=device is not None and device.type == "cuda",
@@ -142,18 +218,25 @@ def fit(
         checkpoint_path: where the per-epoch checkpoint lives; if the file exists, training resumes from it.
         on_epoch: called with each epoch's record (stage, epoch, lr, loss, accuracy, skipped steps, time).
         progress: show tqdm progress bars.
+
+    Under ``torchrun`` (after :func:`vlprompt.engine.distributed.init`) every rank calls ``fit`` with the same
+    arguments: ``batch_size`` stays the global batch, rank 0 reads and writes the checkpoint (the others receive
+    it), and every rank ends with the same parameters and the same records.
     """
     device = torch.device(device) if isinstance(device, str) else device
     if len(train_set) == 0:
         raise ConfigError("the training set is empty")
+    world = distributed.world()
     stages = method.stages()
     sampler_generator = torch.Generator().manual_seed(seed)
-    loader = make_train_loader(train_set, batch_size, sampler_generator, num_workers, device)
+    loader = make_train_loader(train_set, batch_size, sampler_generator, num_workers, device, world.rank, world.size)
     context = autocast(device, precision)
     summary = TrainSummary()
     counters = {"skipped_steps": 0, "train_seconds": 0.0}
+    progress = progress and world.main
 
-    resume = ckpt.load_checkpoint(checkpoint_path) if checkpoint_path and os.path.isfile(checkpoint_path) else None
+    resume = distributed.on_main(
+        lambda: ckpt.load_checkpoint(checkpoint_path) if checkpoint_path and os.path.isfile(checkpoint_path) else None)
     if resume is not None:
         if [s.name for s in stages] != resume["stage_names"]:
             raise CheckpointError(f"{checkpoint_path}: stages {resume['stage_names']} do not match the method's "
@@ -164,6 +247,7 @@ def fit(
         summary.resumed_from = {"stage": resume["stage"], "epoch": resume["epoch"]}
         log.info("resuming from %s: stage %s, %d epoch(s) done", checkpoint_path,
                  stages[resume["stage"]].name, resume["epoch"])
+    distributed.broadcast_parameters(p for _, p in method.prompt_parameters())  # one starting point everywhere
 
     for stage_index, stage in enumerate(stages):
         stage_optim = optim.for_stage(stage.name)
@@ -188,31 +272,33 @@ def fit(
             first_epoch = resume["epoch"]
             if first_epoch >= last_epoch:  # the checkpoint ends this stage
                 continue
-        log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d, %s",
+        log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d%s, %s",
                  stage.name, len(parameters), sum(p.numel() for p in parameters), first_epoch + 1, last_epoch,
-                 stage_optim.epochs, stage_optim.lr, batch_size, precision)
+                 stage_optim.epochs, stage_optim.lr, batch_size,
+                 f" ({batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else "",
+                 precision)
 
         for epoch in range(first_epoch, last_epoch):
             started = time.perf_counter()
             lr = schedule.start_epoch(epoch)
+            loader.sampler.set_epoch(stage_index, epoch)
             record = _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters,
-                                  desc=f"{stage.name} {epoch + 1}/{last_epoch}", progress=progress)
+                                  world.size, desc=f"{stage.name} {epoch + 1}/{last_epoch}", progress=progress)
             seconds = time.perf_counter() - started
             counters["train_seconds"] += seconds
             record = {"stage": stage.name, "epoch": epoch, "lr": lr, **record, "seconds": round(seconds, 3)}
-            ckpt_state = {
-                "stage": stage_index,
-                "stage_names": [s.name for s in stages],
-                "epoch": epoch + 1,
-                "prompts": method.prompt_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": ckpt.capture_rng(sampler_generator),
-                "counters": dict(counters),
-            }
-            if checkpoint_path:
-                ckpt.save_checkpoint(checkpoint_path, ckpt_state)
+            if checkpoint_path and world.main:
+                ckpt.save_checkpoint(checkpoint_path, {
+                    "stage": stage_index,
+                    "stage_names": [s.name for s in stages],
+                    "epoch": epoch + 1,
+                    "prompts": method.prompt_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                    "rng": ckpt.capture_rng(sampler_generator),
+                    "counters": dict(counters),
+                })
             summary.history.append(record)
             summary.epochs_trained += 1
             log.info("%s epoch %d/%d: lr %.3g, loss %.4f, train acc %.2f%%%s", stage.name, epoch + 1, last_epoch,
@@ -223,27 +309,39 @@ def fit(
 
     summary.skipped_steps = counters["skipped_steps"]
     summary.seconds = counters["train_seconds"]
-    summary.skipped_images = len(getattr(train_set, "skipped", []))
+    skipped_per_rank = distributed.gather_objects(list(getattr(train_set, "skipped", [])))  # each read its share
+    summary.skipped_images = len(set().union(*skipped_per_rank))
     return summary
 
 
-def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, *, desc: str,
-                 progress: bool) -> dict[str, Any]:
+def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, world_size: int, *,
+                 desc: str, progress: bool) -> dict[str, Any]:
     method.train()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     skipped = {"nonfinite_loss": 0, "nonfinite_grad": 0}
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    batches: Any = loader
+    if world_size > 1:  # every rank takes part in every step, also one whose share of a short batch is empty
+        batches = itertools.islice(itertools.chain(loader, itertools.repeat(None)), loader.sampler.global_batches)
+    bar = tqdm(batches, total=len(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for batch in bar:
-        if batch is None:  # every image of the batch was unreadable
-            continue
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
         optimizer.zero_grad(set_to_none=True)
-        with context:
-            loss, logits = method.training_loss(images, labels)
-        if not torch.isfinite(loss):
-            _skip(counters, skipped, "nonfinite_loss", f"{desc}: loss is {loss.item()}; step skipped")
+        loss = logits = labels = None
+        if batch is not None:  # None: every image of this rank's batch was unreadable
+            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            with context:
+                loss, logits = method.training_loss(images, labels)
+        loss_finite = loss is None or bool(torch.isfinite(loss))
+        if loss is not None and loss_finite:
+            scaler.scale(loss).backward()
+        images_in_step = labels.numel() if loss is not None and loss_finite else 0
+        images_in_step, any_loss_nonfinite = distributed.average_gradients(parameters, images_in_step,
+                                                                           not loss_finite)
+        if any_loss_nonfinite:
+            shown = f"loss is {loss.item()}" if not loss_finite else "loss is not finite in another process"
+            _skip(counters, skipped, "nonfinite_loss", f"{desc}: {shown}; step skipped")
             continue
-        scaler.scale(loss).backward()
+        if images_in_step == 0:
+            continue
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
         if not _grads_finite(parameters):
@@ -256,12 +354,16 @@ def _train_epoch(method, loader, optimizer, scaler, parameters, context, device,
         scaler.step(optimizer)
         scaler.update()
         steps += 1
-        loss_sum += loss.item() * labels.numel()
-        correct += int((logits.argmax(dim=-1) == labels).sum())
-        seen += labels.numel()
+        if logits is not None:
+            loss_sum += loss.item() * labels.numel()
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            seen += labels.numel()
         if progress:
             bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{100 * correct / max(seen, 1):.1f}")
     bar.close()
+    if world_size > 1:  # the epoch's numbers over the global batches
+        totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64))
+        loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
     total_skipped = sum(skipped.values())
     if steps == 0 and total_skipped:
         log.warning("%s: every step of this epoch was skipped (non-finite values); check the learning rate "
