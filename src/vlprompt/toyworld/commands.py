@@ -1,0 +1,96 @@
+"""``vlprompt toyworld pretrain | materialize | zeroshot``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from vlprompt.toyworld.world import DATASETS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``toyworld`` command and its sub-commands to the ``vlprompt`` parser."""
+    from vlprompt.toyworld.pretrain import PretrainConfig
+
+    parser = subparsers.add_parser(
+        "toyworld",
+        help="the generated toy world and its tiny pretrained CLIP",
+        description="The generated toy world and its tiny CLIP: pretrain it, write datasets, check zero-shot.",
+    )
+    parser.set_defaults(func=lambda args: parser.print_help() or 1)
+    commands = parser.add_subparsers(dest="toyworld_command", metavar="<subcommand>")
+
+    default = PretrainConfig()
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="contrastively pretrain the toy CLIP on generated image-caption pairs",
+        description="Pretrain the toy CLIP (photo domain, held-out compositions excluded). Resumable: re-run the "
+        "same command after an interruption.",
+    )
+    pretrain.add_argument("--steps", type=int, default=default.steps, help="optimisation steps")
+    pretrain.add_argument("--batch-size", type=int, default=default.batch_size, help="pairs per step")
+    pretrain.add_argument("--lr", type=float, default=default.lr, help="peak learning rate")
+    pretrain.add_argument("--warmup-steps", type=int, default=default.warmup_steps, help="linear warmup steps")
+    pretrain.add_argument("--weight-decay", type=float, default=default.weight_decay, help="AdamW weight decay")
+    pretrain.add_argument("--seed", type=int, default=default.seed, help="seeds the init and every batch")
+    pretrain.add_argument("--threads", type=int, default=default.threads, help="torch CPU threads")
+    pretrain.add_argument("--device", default=default.device, help="cpu or cuda")
+    pretrain.add_argument(
+        "--work-dir", type=Path, default=default.work_dir, help="resume checkpoint and log (default: %(default)s)"
+    )
+    pretrain.add_argument(
+        "--output-dir", type=Path, default=default.output_dir,
+        help="where toyclip.safetensors and toyclip.json go (default: inside the installed package)",
+    )
+    pretrain.set_defaults(func=_pretrain)
+
+    materialize = commands.add_parser(
+        "materialize",
+        help="write toy datasets as PNG folders with CoOp-format split files",
+        description="Write toy datasets under ROOT/<name>/ (images/ and split.json). Idempotent.",
+    )
+    materialize.add_argument("names", nargs="+", choices=[*DATASETS, "all"], metavar="NAME",
+                             help=f"datasets to write, or 'all': {', '.join(DATASETS)}")
+    materialize.add_argument("--root", type=Path, required=True, help="folder that receives one folder per dataset")
+    materialize.add_argument("--n-train", type=int, default=16, help="train images per class")
+    materialize.add_argument("--n-val", type=int, default=4, help="val images per class")
+    materialize.add_argument("--n-test", type=int, default=50, help="test images per class")
+    materialize.add_argument("--seed", type=int, default=0)
+    materialize.set_defaults(func=_materialize)
+
+    zeroshot = commands.add_parser("zeroshot", help="zero-shot accuracy of the shipped toy CLIP")
+    zeroshot.add_argument("--n-per-class", type=int, default=50, help="generated test images per class")
+    zeroshot.add_argument("--seed", type=int, default=0)
+    zeroshot.set_defaults(func=_zeroshot)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from vlprompt.toyworld.pretrain import PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, seed=args.seed, threads=args.threads, device=args.device,
+        work_dir=args.work_dir, output_dir=args.output_dir,
+    )
+    pretrain(config, log=lambda message: print(message, flush=True))
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from vlprompt.toyworld.materialize import materialize
+
+    names = list(DATASETS) if "all" in args.names else args.names
+    for name in names:
+        path = materialize(name, args.root, args.n_train, args.n_val, args.n_test, args.seed)
+        print(path)
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from vlprompt.toyworld.model import load_toy_clip
+    from vlprompt.toyworld.zeroshot import evaluate_zero_shot
+
+    model, _ = load_toy_clip()
+    print(json.dumps(evaluate_zero_shot(model, n_per_class=args.n_per_class, seed=args.seed), indent=2))
+    return 0
