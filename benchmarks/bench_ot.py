@@ -4,8 +4,10 @@ Compares, on the same inputs and in one run:
   * vlprompt's batched ``token_level_ot`` (similarities, Sinkhorn and contraction for all (image, class) pairs);
   * the original ALIGN/PLOT code path: a Python loop over (image j, class k) pairs, each computing its token
     similarities and running the plain-kernel Sinkhorn on its M·N problems (``stop="reference"`` semantics);
-  * POT's batched solver ``ot.batch.solve_batch(method="log_sinkhorn")`` against vlprompt's ``sinkhorn`` on the
-    same precomputed cost tensor (solver only), both with marginal tolerance 1e-6 and at most 100 iterations.
+  * the solvers alone on precomputed costs: the original loop's Sinkhorn per pair against vlprompt's ``sinkhorn``
+    with ``stop="reference"`` (same iterations, same plans), and POT's batched solver
+    ``ot.batch.solve_batch(method="log_sinkhorn")`` against vlprompt's ``sinkhorn`` with its default
+    ``stop="per_problem"``, both with marginal tolerance 1e-6 and at most 100 iterations.
 
 Features are random but CLIP-like (token cosines around 0.25 ± 0.13), text token sets are ragged (6 to 20 tokens,
 padded to 20 with zero mass). Times are wall-clock medians of ``--repeats`` runs after one warm-up.
@@ -71,20 +73,28 @@ def original_sinkhorn(kernel, u, v, max_iter=100, thresh=1e-2):
     return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * kernel
 
 
-def original_loop(image, text, mask):
-    """Token similarity ``(B, K, M, N)`` as the original code computes it: one Sinkhorn call per (j, k)."""
-    n_images, n_classes = image.shape[0], text.shape[0]
-    out = torch.empty(n_images, n_classes, M, N, device=image.device)
+def pair_similarities(image, text, mask):
+    """Per (j, k) pair, the ``(M·N, P, L_k)`` token similarities over the real tokens, as the original code
+    computes them."""
     lengths = mask[:, 0].sum(-1).tolist()
-    for j in range(n_images):
-        for k in range(n_classes):
-            tokens = text[k, :, :lengths[k]]
-            sim = torch.einsum("mpd,nld->mnpl", image[j], tokens).reshape(M * N, P, lengths[k])
-            u = torch.full((M * N, P), 1.0 / P, device=image.device)
-            v = torch.full((M * N, lengths[k]), 1.0 / lengths[k], device=image.device)
-            with torch.no_grad():
-                plan = original_sinkhorn(torch.exp(-(1.0 - sim) / EPS), u, v)
-            out[j, k] = (plan * sim).sum((1, 2)).view(M, N)
+    return [[torch.einsum("mpd,nld->mnpl", image[j], text[k, :, :lengths[k]]).reshape(M * N, P, lengths[k])
+             for k in range(text.shape[0])] for j in range(image.shape[0])]
+
+
+def original_pair(sim):
+    """The original code's Sinkhorn for one (j, k) pair: plans ``(M·N, P, L_k)``."""
+    u = torch.full(sim.shape[:2], 1.0 / P, device=sim.device)
+    v = torch.full((sim.shape[0], sim.shape[2]), 1.0 / sim.shape[2], device=sim.device)
+    with torch.no_grad():
+        return original_sinkhorn(torch.exp(-(1.0 - sim) / EPS), u, v)
+
+
+def original_loop(image, text, mask):
+    """Token similarity ``(B, K, M, N)`` as the original code computes it: a Python loop over (j, k) pairs."""
+    out = torch.empty(image.shape[0], text.shape[0], M, N, device=image.device)
+    for j, row in enumerate(pair_similarities(image, text, mask)):
+        for k, sim in enumerate(row):
+            out[j, k] = (original_pair(sim) * sim).sum((1, 2)).view(M, N)
     return out
 
 
@@ -125,40 +135,62 @@ def main():
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    print(f"shapes: M = N = {M}, P = {P}, L <= {L} (ragged), D = {D}, eps = {EPS}; median of {repeats}\n")
-    header = ("| B | K | problems | ours, reference stop | original loop | speed-up | ours, per_problem | "
-              "ours sinkhorn (solver only) | POT solve_batch (solver only) | speed-up |")
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    print(f"shapes: M = N = {M}, P = {P}, L <= {L} (ragged), D = {D}, eps = {EPS}; median of {repeats}", flush=True)
+    end_to_end, solver_only = [], []
     for n_images, n_classes in configs:
         image, text, mask = clip_like_features(n_images, n_classes, device)
+        problems = n_images * n_classes * M * N
+
+        # 1. Token-level OT end to end: similarities, Sinkhorn, contraction Σ T ⊙ ⟨r, s⟩.
+        t_loop, loop = timed(lambda: original_loop(image, text, mask), repeats, device)
         t_ref, ours_ref = timed(lambda: token_level_ot(image, text, mask, stop="reference").similarity,
                                 repeats, device)
         t_pp, _ = timed(lambda: token_level_ot(image, text, mask).similarity, repeats, device)
-        t_loop, loop = timed(lambda: original_loop(image, text, mask), repeats, device)
-        agreement = (ours_ref - loop).abs().max().item()
+        end_to_end.append(f"| {n_images} | {n_classes} | {problems} | {t_loop:.3f} s | {t_ref:.3f} s | "
+                          f"{t_loop / t_ref:.1f}x | {t_pp:.3f} s |")
+        print(end_to_end[-1], f"max |S_ours - S_loop| = {(ours_ref - loop).abs().max().item():.1e}", flush=True)
+        del loop, ours_ref
 
-        # Solver only, on one precomputed cost tensor (n, P, L) with zero-mass padding.
-        cost = 1 - torch.einsum("bmpd,knld->bkmnpl", image, text).reshape(-1, P, L)
-        weights = mask.float() / mask.sum(-1, keepdim=True)
-        b = weights[None, :, None].expand(n_images, n_classes, M, N, L).reshape(-1, L).contiguous()
-        a = torch.full((cost.shape[0], P), 1.0 / P, device=device)
-        t_solver, ours_plan = timed(lambda: sinkhorn(cost, a, b, eps=EPS), repeats, device)
+        # 2. Solver only, on precomputed costs: per-pair tensors for the loop; one padded tensor
+        # (B, K, M, N, P, L) with zero-mass padding for vlprompt and POT.
+        pairs = pair_similarities(image, text, mask)
+        t_loop, _ = timed(lambda: [[original_pair(sim) for sim in row] for row in pairs], repeats, device)
+        del pairs
+        cost = (1 - torch.einsum("bmpd,knld->bkmnpl", image, text)).contiguous()
+        col_mask = mask[None, :, None]
+        t_ref, _ = timed(lambda: sinkhorn(cost, col_mask=col_mask, eps=EPS, stop="reference", group_dims=2),
+                         repeats, device)
+        t_pp, ours_plan = timed(lambda: sinkhorn(cost, col_mask=col_mask, eps=EPS), repeats, device)
         if pot_batch is not None:
+            weights = mask.float() / mask.sum(-1, keepdim=True)
+            b = weights[None, :, None].expand(n_images, n_classes, M, N, L).reshape(-1, L).contiguous()
+            a = torch.full((problems, P), 1.0 / P, device=device)
+
             def pot():
-                return pot_batch.solve_batch(cost, EPS, a, b, max_iter=100, tol=1e-6, method="log_sinkhorn",
-                                             grad="detach")
+                return pot_batch.solve_batch(cost.view(-1, P, L), EPS, a, b, max_iter=100, tol=1e-6,
+                                             method="log_sinkhorn", grad="detach")
             t_pot, pot_result = timed(pot, repeats, device)
             pot_cell = f"{t_pot:.3f} s ({pot_result.log['n_iter'] + 1} it.)"
-            pot_ratio = f"{t_pot / t_solver:.1f}x"
-            pot_diff = (pot_result.plan - ours_plan).abs().max().item()
+            pot_ratio = f"{t_pot / t_pp:.1f}x"
+            pot_diff = (pot_result.plan - ours_plan.view(-1, P, L)).abs().max().item()
+            del pot_result, a, b
         else:
             pot_cell, pot_ratio, pot_diff = "n/a", "n/a", float("nan")
-        del cost, a, b, ours_plan
-        print(f"| {n_images} | {n_classes} | {n_images * n_classes * M * N} | {t_ref:.3f} s | {t_loop:.3f} s | "
-              f"{t_loop / t_ref:.1f}x | {t_pp:.3f} s | {t_solver:.3f} s | {pot_cell} | {pot_ratio} |", flush=True)
-        print(f"  (max |S_ours - S_loop| = {agreement:.1e}, max |plan_ours - plan_POT| = {pot_diff:.1e})",
-              flush=True)
+        del cost, ours_plan
+        solver_only.append(f"| {n_images} | {n_classes} | {t_loop:.3f} s | {t_ref:.3f} s | {t_loop / t_ref:.1f}x | "
+                           f"{pot_cell} | {t_pp:.3f} s | {pot_ratio} |")
+        print(solver_only[-1], f"max |plan_ours - plan_POT| = {pot_diff:.1e}", flush=True)
+
+    print("\nToken-level OT, end to end (similarities + Sinkhorn + contraction):\n")
+    print("| B | K | problems | original per-pair loop | vlprompt, stop=reference | speed-up | "
+          "vlprompt, per_problem |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(end_to_end))
+    print("\nSinkhorn only, on precomputed costs:\n")
+    print("| B | K | original per-pair loop | vlprompt, stop=reference | speed-up | POT solve_batch, tol 1e-6 | "
+          "vlprompt, per_problem, tol 1e-6 | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(solver_only))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 

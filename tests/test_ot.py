@@ -119,12 +119,13 @@ def test_ragged_problems_match_unpadded_pot():
 @pytest.mark.parametrize("stop", ["per_problem", "reference"])
 def test_padded_plan_equals_unpadded_plan(stop):
     cost = clip_like_costs(5, rows=12, cols=8, seed=4)
-    padded = torch.cat([cost, torch.full((5, 12, 3), 0.3)], dim=2)  # three padded text tokens
-    col_mask = torch.arange(11) < 8
+    padded = torch.cat([cost, torch.full((5, 12, 3), 0.3)], dim=2)  # three padded text tokens, cheap
+    padded = torch.cat([padded, torch.full((5, 2, 11), 10.0)], dim=1)  # two padded rows, far too expensive
+    col_mask, row_mask = torch.arange(11) < 8, torch.arange(14) < 12
     expected = vot.sinkhorn(cost, eps=0.1, stop=stop, return_info=True)
-    result = vot.sinkhorn(padded, col_mask=col_mask, eps=0.1, stop=stop, return_info=True)
-    assert (result.plan[..., 8:] == 0).all()
-    assert torch.allclose(result.plan[..., :8], expected.plan, atol=1e-7, rtol=1e-5)
+    result = vot.sinkhorn(padded, row_mask=row_mask, col_mask=col_mask, eps=0.1, stop=stop, return_info=True)
+    assert (result.plan[..., 8:] == 0).all() and (result.plan[..., 12:, :] == 0).all()
+    assert torch.allclose(result.plan[..., :12, :8], expected.plan, atol=1e-7, rtol=1e-5)
     if stop == "reference":
         assert torch.equal(result.n_iter, expected.n_iter)
 
@@ -315,9 +316,12 @@ def test_token_level_equals_naive_double_loop(stop):
     assert torch.allclose(result.distance, 1 - result.similarity, atol=1e-5)
 
 
-def test_token_level_chunking_does_not_change_the_result():
+def test_token_level_chunking_does_not_change_the_result(monkeypatch):
     image, text, text_mask = token_features(n_classes=5, seed=12)
     full = vot.token_level_ot(image, text, text_mask, chunk_size=5)
+    monkeypatch.setattr(vot, "TOKEN_BLOCK_BYTES", 1)  # the memory budget alone forces one class per chunk
+    assert torch.allclose(vot.token_level_ot(image, text, text_mask).similarity, full.similarity, atol=1e-6)
+    monkeypatch.undo()
     for chunk in (1, 2, None):
         chunked = vot.token_level_ot(image, text, text_mask, chunk_size=chunk)
         assert torch.allclose(chunked.similarity, full.similarity, atol=1e-6, rtol=0)

@@ -5,20 +5,20 @@ its leading dimensions; ragged problems (text token sets of different lengths) a
 columns get marginal mass 0, which gives them exactly zero mass in the plan and leaves the rest of the plan equal
 to that of the unpadded problem.
 
-Numerics. The original ALIGN/PLOT code iterates plain scaling vectors against the kernel ``exp(-C / eps)``
-computed in fp16, which underflows for costs above about ``16.6 * eps``. Here the kernel is never formed from the
-raw cost: the first iteration runs in the log domain (``logsumexp``) and every later one works on a *stabilised*
-kernel ``exp(-C / eps + f_i + g_j)`` whose log-potentials ``f, g`` absorb the scalings whenever these leave
-``[e^-τ, e^τ]`` (Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport problems",
-2019). After a full Sinkhorn iteration every row of the stabilised kernel sums to at least ``a_i · min_j b_j``
-(for unit mass), so no row or column can vanish and the cheap batched vector-matrix products stay exact to fp32
-rounding while being an order of magnitude faster than ``logsumexp`` passes. Everything runs in fp32 (fp64 if the
-cost is fp64) with autocast disabled, whatever the input dtype.
+Numerics. The original ALIGN/PLOT code iterates plain scaling vectors r, c against the kernel ``exp(-C/eps)``
+computed in fp16, which underflows for costs above about ``16.6·eps``. Here the scalings act on a *stabilised*
+kernel ``K̃ = exp(-C/eps + f_i + g_j)`` whose log-potentials f, g absorb them whenever they leave
+``[e^-20, e^20]`` (Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport problems",
+2019); the first iteration starts from ``f = -max_j(-C_ij/eps)``, so every row of K̃ holds a 1. After a full
+iteration every row of the plan sums to at least ``a_i · min_j b_j`` (for unit mass), so no row or column
+vanishes, and each iteration is two batched vector-matrix products, several times cheaper than the ``logsumexp``
+passes of a log-domain solver and as accurate. Everything runs in fp32 (fp64 for fp64 costs) with autocast
+disabled, whatever the input dtype.
 
 Stopping. ``stop="per_problem"`` stops each problem once the L1 error of its row marginals falls below ``tol``
-(column marginals are exact after every column update); a stopped problem is frozen, so its plan does not depend
-on what else is in the batch. ``stop="reference"`` reproduces the original code's criterion, the mean of
-``|r - r_prev|`` over all rows of the call (the plain scaling vector ``r = exp(f + log r)``), below ``1e-2``.
+(column marginals are exact after every column update) and freezes it, so that its plan does not depend on the
+rest of the batch (up to rounding). ``stop="reference"`` reproduces the original code's criterion, the mean of
+``|r - r_prev|`` over all rows of a call below ``1e-2``, with the original's r recovered as ``exp(f)·r``.
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ _UNRELIABLE_SUM = 1e-25
 # Stabilised-kernel entries below this may have lost digits to underflow: absorption recomputes them from the
 # potentials instead of rescaling them.
 _UNDERFLOWED = 1e-30
-# On CPU problems are solved in blocks of about this many kernel entries, so that the kernel and its transpose
-# stay in cache across iterations (about 3x faster than streaming a large batch from memory every iteration).
-_CPU_BLOCK_ENTRIES = 1 << 19
 # Default memory budget for one (B, k, M, N, P, L) block of token similarities in `token_level_ot`.
 TOKEN_BLOCK_BYTES = 256 * 2**20
 
@@ -118,11 +115,11 @@ def sinkhorn(
         stop: ``"per_problem"``: every problem runs until the L1 error of its row marginals, measured on the plan
             before an iteration's row update, is below ``tol``; it then completes that iteration and is frozen.
             The loop ends when all problems are frozen or after ``max_iter`` iterations. A problem's plan does not
-            depend on the other problems in the batch. ``"reference"``: the criterion of the original ALIGN/PLOT
-            code (start from ``r = c = 1``, ``r = a / (K c)``, ``c = b / (Kᵀ r)``, stop after the first iteration
-            whose mean ``|r - r_prev|`` over all rows of the call is below ``tol``), computed from the log-domain
-            iterates, so that it gives the same iteration count and plan as the original fp32 code wherever that
-            code does not underflow. Batching problems that the original solved in separate calls changes the
+            depend on the other problems in the batch (up to rounding). ``"reference"``: the criterion of the
+            original ALIGN/PLOT code (start from ``r = c = 1``, ``r = a / (K c)``, ``c = b / (Kᵀ r)``, stop after
+            the first iteration whose mean ``|r - r_prev|`` over all rows of the call is below ``tol``), computed
+            from the stabilised iterates, so that it gives the same iteration count and plan as the original fp32
+            code wherever that code does not underflow. Batching problems that the original solved in separate calls changes the
             batch mean; ``group_dims`` restores the original grouping.
         group_dims: with ``stop="reference"``, the number of leading batch dimensions that index separate calls
             of the original code: the mean ``|r - r_prev|`` is taken per index of these dimensions. 0 (default):
@@ -158,8 +155,8 @@ def sinkhorn(
             log_kernel_t = torch.empty((flat_a.shape[0], n_cols, n_rows), dtype=dtype, device=cost.device)
             log_kernel_t.copy_(cost.reshape(-1, n_rows, n_cols).transpose(1, 2)).div_(-eps)
             group = math.prod(batch_shape[group_dims:]) if stop == "reference" else 1
-            plan_t, n_iter = _solve_batched(log_kernel_t, flat_a, flat_b, max_iter, tol, stop == "reference", group,
-                                            differentiable)
+            plan_t, n_iter = _solve(log_kernel_t, flat_a, flat_b, max_iter, tol, stop == "reference", group,
+                                    differentiable)
             plan = plan_t.transpose(1, 2).reshape(cost.shape)
             n_iter = n_iter.view(batch_shape)
         if not return_info:
@@ -198,49 +195,29 @@ def _marginal(weights, mask, shape, dtype, device) -> torch.Tensor:
 
 
 def _check_masses(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Balanced problems only: non-negative marginals with equal, positive masses (one host sync)."""
     mass_a, mass_b = a.sum(-1), b.sum(-1)
-    if bool((a < 0).any()) or bool((b < 0).any()):
+    negative, empty, unbalanced = torch.stack([
+        (a < 0).any() | (b < 0).any(),
+        ~(mass_a > 0).all(),
+        ((mass_a - mass_b).abs() > 1e-4 * mass_b).any(),
+    ]).tolist()
+    if negative:
         raise ValueError("marginals must be non-negative")
-    if not bool((mass_a > 0).all()):
+    if empty:
         raise ValueError("every problem needs at least one row and one column with positive mass")
-    if not torch.allclose(mass_a, mass_b, rtol=1e-4, atol=0.0):
+    if unbalanced:
         raise ValueError("row and column marginals must have the same total mass in every problem")
 
 
-def _solve_batched(log_kernel_t, a, b, max_iter, tol, reference, group, differentiable):
-    """Plans ``(n, Q, P)`` (transposed) and iteration counts ``(n,)`` for log-kernels ``-Cᵀ/eps`` ``(n, Q, P)``.
+def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, differentiable):
+    """Sinkhorn on log-kernels ``-Cᵀ/eps`` ``(n, Q, P)`` with marginals ``(n, P)`` and ``(n, Q)``.
 
-    On CPU the problems are solved in cache-sized blocks of whole reference groups; on other devices in one.
-    Without autograd, the kernels live in two work buffers reused by every block and the plans are written
-    straight into the output; with autograd, every step makes fresh tensors that autograd can keep.
+    ``group`` consecutive problems share the reference criterion. Returns the transposed plans ``(n, Q, P)`` and
+    the iteration counts ``(n,)``. Without autograd the big tensors are updated in place (CPU allocations of this
+    size cost page faults); with it, every step makes fresh tensors that autograd can keep.
     """
-    n_problems, n_cols, n_rows = log_kernel_t.shape
-    per_block = n_problems
-    if log_kernel_t.device.type == "cpu":
-        per_block = max(1, _CPU_BLOCK_ENTRIES // (n_rows * n_cols * group)) * group
-    plans, n_iters = [], []
-    if not differentiable:
-        out = torch.empty_like(log_kernel_t)
-        work = log_kernel_t.new_empty((min(per_block, n_problems), n_cols, n_rows))
-        kernel = log_kernel_t.new_empty((min(per_block, n_problems), n_rows, n_cols))
-    for start in range(0, n_problems, per_block):
-        block = slice(start, start + per_block)
-        size = min(per_block, n_problems - start)
-        buffers = None if differentiable else (work[:size], kernel[:size], out[block])
-        plan, n_iter = _solve(log_kernel_t[block], a[block], b[block], max_iter, tol, reference, group, buffers)
-        plans.append(plan)
-        n_iters.append(n_iter)
-    return (torch.cat(plans) if differentiable else out), torch.cat(n_iters)
-
-
-def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
-    """Sinkhorn on one block: log-kernels ``(n, Q, P)``, marginals ``(n, P)`` and ``(n, Q)``.
-
-    ``group`` consecutive problems share the reference criterion. ``buffers``: None, or work tensors
-    ``(n, Q, P)`` and ``(n, P, Q)`` and the output ``(n, Q, P)``. Returns the transposed plans ``(n, Q, P)`` and the
-    iteration counts ``(n,)``.
-    """
-    work, kernel_buffer, plan_out = buffers or (None, None, None)
+    inplace = not differentiable
     n_problems = log_kernel_t.shape[0]
     real_rows, real_cols = (a > 0).to(a.dtype), (b > 0).to(b.dtype)
     # Rows/columns without mass get the scaling a / (sum + 1) = 0: the plan is exactly 0 there whatever finite
@@ -250,8 +227,8 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
     # Iteration 1, from r = c = 1 on the real entries as in the original code, against the kernel divided by its
     # row maxima: exp(-C/eps) itself may underflow, this one has a 1 in every row.
     row_max = log_kernel_t.amax(1).detach()  # a shift only: the result does not depend on it
-    kernel_t = torch.sub(log_kernel_t, row_max[:, None, :], out=work).exp_()
-    kernel = _transposed(kernel_t, kernel_buffer)
+    kernel_t = torch.sub(log_kernel_t, row_max[:, None, :]).exp_()
+    kernel = _transposed(kernel_t)
     row_sums = _row_sums(kernel_t, real_cols)
     r = a / (row_sums + row_pad)
     col_sums = _col_sums(kernel, r)
@@ -263,11 +240,11 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
         # real entries: the scaled sums lost digits to underflow, so take iteration 1 in the log domain instead.
         f = a.log() - torch.logsumexp(log_kernel_t + real_cols.log()[:, :, None], dim=1)
         g = b.log() - torch.logsumexp(log_kernel_t + f[:, None, :], dim=2)
-        kernel_t = _exp_of_sum(log_kernel_t, f, g, out=work)
-        kernel = _transposed(kernel_t, kernel_buffer)
+        kernel_t = _exp_of_sum(log_kernel_t, f, g)
+        kernel = _transposed(kernel_t)
         r, c = real_rows, real_cols
     n_iter = torch.ones(n_problems, dtype=torch.long, device=a.device)
-    scale_f = f.exp() if reference else None
+    scale_f = _original_scale(f, a) if reference else None
     if reference:
         group_rows = real_rows.view(-1, group, real_rows.shape[1]).sum((1, 2)).clamp_min(1)
         step = ((scale_f * r - 1).abs() * real_rows).sum(1)  # the original's r is exp(f)·r, and started at 1
@@ -277,26 +254,27 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
 
     bound = math.exp(_ABSORB_LOG_BOUND)
     for _ in range(1, max_iter):
-        if not bool(active.any()):
+        # One host synchronisation per iteration: are problems left, and has a scaling left [1/bound, bound]?
+        r_min, r_max = torch.aminmax(r.detach() + row_pad)
+        c_min, c_max = torch.aminmax(c.detach() + col_pad)
+        any_active, low, high = torch.stack([active.any().to(r.dtype), torch.minimum(r_min, c_min),
+                                             torch.maximum(r_max, c_max)]).tolist()
+        if not any_active:
             break
-        r_min, r_max = torch.aminmax(torch.where(active[:, None], r.detach() + row_pad, 1.0))
-        c_min, c_max = torch.aminmax(torch.where(active[:, None], c.detach() + col_pad, 1.0))
-        if float(torch.minimum(r_min, c_min)) < 1 / bound or float(torch.maximum(r_max, c_max)) > bound:
-            # Absorb the scalings of the active problems into the kernel and its log-potentials (log 0 = -inf on
-            # padding, kept out of the gradient). Entries that matter are rescaled, exact to rounding; only
-            # those that had underflowed are recomputed as exp(-C/eps + f + g), which is exact to ~|f|·1e-7
-            # relative only (a floor of ~1e-5 at eps = 0.01 if used for all entries) but cannot make these
-            # entries matter. Stopped problems are rescaled by 1.
-            f = torch.where(active[:, None], f + (r + row_pad).log() + real_rows.log(), f)
-            g = torch.where(active[:, None], g + (c + col_pad).log() + real_cols.log(), g)
+        if low < 1 / bound or high > bound:
+            # Absorb the scalings into the kernel and its log-potentials (log 0 = -inf on padding, kept out of
+            # the gradient). Entries that matter are rescaled, exact to rounding; only those that had underflowed
+            # are recomputed as exp(-C/eps + f + g), which is exact to ~|f|·1e-7 relative only (a floor of ~1e-5
+            # at eps = 0.01 if used for all entries) but cannot make these entries matter. Stopped problems are
+            # absorbed too: their plan r K̃ c does not change.
+            f = f + (r + row_pad).log() + real_rows.log()
+            g = g + (c + col_pad).log() + real_cols.log()
             fresh = _exp_of_sum(log_kernel_t, f, g)
-            kernel_t = _scaled(kernel_t, torch.where(active[:, None], r, 1.0), torch.where(active[:, None], c, 1.0),
-                               inplace=work is not None)
-            kernel_t = torch.where(kernel_t > _UNDERFLOWED, kernel_t, fresh, out=work)
-            r = torch.where(active[:, None], real_rows, r)
-            c = torch.where(active[:, None], real_cols, c)
-            kernel = _transposed(kernel_t, kernel_buffer)
-            scale_f = f.exp() if reference else None
+            kernel_t = _scaled(kernel_t, r, c, inplace)
+            kernel_t = torch.where(kernel_t > _UNDERFLOWED, kernel_t, fresh, out=kernel_t if inplace else None)
+            kernel = _transposed(kernel_t, out=kernel if inplace else None)
+            r, c = real_rows, real_cols
+            scale_f = _original_scale(f, a) if reference else None
         row_sums = _row_sums(kernel_t, c)
         r_new = a / (row_sums + row_pad)
         if reference:
@@ -312,9 +290,7 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, buffers):
         active = active & ~done
     # The plan r_i K̃_ij c_j: its marginals are those the iterations measured (recomputing exp(-C/eps + f + g +
     # log r + log c) instead would round the large potentials again, ~1e-6 relative error at eps = 0.1).
-    if plan_out is None:
-        return _scaled(kernel_t, r, c, inplace=False), n_iter
-    return _scaled(plan_out.copy_(kernel_t), r, c, inplace=True), n_iter
+    return _scaled(kernel_t, r, c, inplace), n_iter
 
 
 def _row_sums(kernel_t, c):
@@ -327,9 +303,9 @@ def _col_sums(kernel, r):
     return torch.bmm(r.unsqueeze(1), kernel).squeeze(1)
 
 
-def _exp_of_sum(log_kernel_t, f, g, out=None):
-    """``exp(log_kernel_t[n, j, i] + g[n, j] + f[n, i])`` ``(n, Q, P)``, written into ``out`` if given."""
-    return torch.add(log_kernel_t, g[:, :, None], out=out).add_(f[:, None, :]).exp_()
+def _exp_of_sum(log_kernel_t, f, g):
+    """``exp(log_kernel_t[n, j, i] + g[n, j] + f[n, i])`` ``(n, Q, P)``."""
+    return torch.add(log_kernel_t, g[:, :, None]).add_(f[:, None, :]).exp_()
 
 
 def _scaled(kernel_t, r, c, inplace):
@@ -344,6 +320,12 @@ def _transposed(kernel_t, out=None):
     if out is None:
         return kernel_t.transpose(1, 2).contiguous()
     return out.copy_(kernel_t.transpose(1, 2))
+
+
+def _original_scale(f, a):
+    """``exp(f)`` on rows with mass, 0 on padded ones (whose potentials may be anything): the original code's
+    r is this times ours."""
+    return torch.where(a > 0, f, -math.inf).exp()
 
 
 def _group_mean_below(step, group_rows, tol):
@@ -378,8 +360,9 @@ def token_level_ot(
         image_mask: ``(B, M, P)`` boolean, True for real tokens; default all real.
         eps, max_iter, tol, stop, differentiable: as in :func:`sinkhorn`. With ``stop="reference"`` each
             (image, class) pair is its own call, as in the original code (its M·N problems share the criterion).
-        chunk_size: classes per chunk; default: as many as keep one ``(B, k, M, N, P, L)`` fp32 block within
-            ``TOKEN_BLOCK_BYTES`` (256 MB). Results do not depend on it.
+        chunk_size: at most this many classes per chunk; default: as many as keep one ``(B, k, M, N, P, L')``
+            fp32 block within ``TOKEN_BLOCK_BYTES`` (256 MB). Classes are also grouped by token-set length L'
+            (padding is cut away per chunk). Results do not depend on the chunking.
 
     Returns:
         :class:`TokenOTResult` with ``similarity`` and ``distance`` ``(B, K, M, N)`` (fp32). Gradients reach the
@@ -401,31 +384,29 @@ def token_level_ot(
     dtype = torch.float64 if image_tokens.dtype == torch.float64 else torch.float32
     image_weights = _marginal(None, image_mask, image_tokens.shape[:3], dtype, device)
     text_weights = _marginal(None, text_mask, text_tokens.shape[:3], dtype, device)
-    if chunk_size is None:
-        per_class = 4 * n_images * n_views * n_prompts * n_patches * length
-        chunk_size = max(1, TOKEN_BLOCK_BYTES // per_class)
 
     with _autocast_off(device):
         # Similarities in fp32 (fp64 for fp64 input): the cost is divided by eps, which would amplify fp16
         # rounding 10-100x.
         image_flat = image_tokens.to(dtype).reshape(n_images * n_views * n_patches, dim)
         offset = image_flat.new_full((1,), -1.0 / eps)
-        similarities, distances = [], []
-        for start in range(0, n_classes, chunk_size):
-            text = text_tokens[start:start + chunk_size].to(dtype)
-            k = text.shape[0]
+        similarities, distances, classes = [], [], []
+        for chunk, span in _class_chunks(text_mask, n_classes, length, chunk_size,
+                                           4 * image_weights.numel() * n_prompts, device):
+            text = text_tokens[chunk, :, :span].to(dtype)
+            k = len(chunk)
             # -C/eps = (⟨r_o, s_l⟩ - 1)/eps for all token pairs of the chunk in one matmul, then laid out
             # (B, k, M, N, L, P): problem-major and transposed, as the solver wants it.
-            log_kernel_t = torch.addmm(offset, image_flat, text.reshape(k * n_prompts * length, dim).T, alpha=1 / eps)
-            log_kernel_t = log_kernel_t.view(n_images, n_views, n_patches, k, n_prompts, length)
+            log_kernel_t = torch.addmm(offset, image_flat, text.reshape(k * n_prompts * span, dim).T, alpha=1 / eps)
+            log_kernel_t = log_kernel_t.view(n_images, n_views, n_patches, k, n_prompts, span)
             log_kernel_t = log_kernel_t.permute(0, 3, 1, 4, 5, 2).contiguous()
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
                 shape = (n_images, k, n_views, n_prompts)
                 a = image_weights[:, None, :, None, :].expand(*shape, n_patches).reshape(-1, n_patches)
-                b = text_weights[None, start:start + k, None].expand(*shape, length).reshape(-1, length)
+                b = text_weights[None, chunk, None, :, :span].expand(*shape, span).reshape(-1, span)
                 # Reference stopping: each (image, class) pair was one call of the original code.
-                plan_t, _ = _solve_batched(
-                    (log_kernel_t if differentiable else log_kernel_t.detach()).view(-1, length, n_patches),
+                plan_t, _ = _solve(
+                    (log_kernel_t if differentiable else log_kernel_t.detach()).view(-1, span, n_patches),
                     a, b, max_iter, tol, stop == "reference", n_views * n_prompts, differentiable)
             plan_t = plan_t.view_as(log_kernel_t)
             # ⟨T, C⟩ = -eps·⟨T, -C/eps⟩, and S = Σ T ⊙ ⟨r, s⟩ = Σ T - ⟨T, C⟩: the gradient reaches the features
@@ -433,7 +414,39 @@ def token_level_ot(
             distance = (plan_t * log_kernel_t).sum((-2, -1)) * -eps
             similarities.append(plan_t.sum((-2, -1)) - distance)
             distances.append(distance)
-    return TokenOTResult(similarity=torch.cat(similarities, 1), distance=torch.cat(distances, 1))
+            classes.append(chunk)
+        unsort = torch.cat(classes).argsort()
+    return TokenOTResult(similarity=torch.cat(similarities, 1)[:, unsort],
+                         distance=torch.cat(distances, 1)[:, unsort])
+
+
+def _class_chunks(text_mask, n_classes, length, chunk_size, bytes_per_token, device):
+    """Chunks of class indices ``(k,)`` on ``device``, each with the token span ``L'`` it is cut to.
+
+    Classes are sorted by span (the last real token's position + 1, over the prompts) and each chunk is cut to
+    its longest span. On CPU a chunk holds classes of one span only: the similarity matmul and the solver's
+    passes cost in proportion to the padded size, a chunk only ~1 ms of overhead. On GPUs, where the overhead
+    (kernel launches) dominates, chunks are as large as the budget allows. A chunk holds at most ``chunk_size``
+    classes, by default as many as keep one ``(B, k, M, N, P, L')`` block (``bytes_per_token · L'`` bytes per
+    class) within ``TOKEN_BLOCK_BYTES``.
+    """
+    if text_mask is None:
+        spans = torch.full((n_classes,), length)
+    else:
+        spans = (text_mask.cpu() * torch.arange(1, length + 1)).amax((1, 2))  # (K,)
+    order = torch.argsort(spans, stable=True)
+    spans = spans[order].tolist()
+    chunks, start = [], 0
+    while start < n_classes:
+        end = start + 1
+        while end < n_classes and (spans[end] == spans[start] or device.type != "cpu"):
+            limit = chunk_size or max(1, TOKEN_BLOCK_BYTES // (bytes_per_token * spans[end]))
+            if end + 1 - start > limit:
+                break
+            end += 1
+        chunks.append((order[start:end].to(device), spans[end - 1]))
+        start = end
+    return chunks
 
 
 # --------------------------------------------------------------------------------------- prompt level
