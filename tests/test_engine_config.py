@@ -96,3 +96,15 @@ def test_stop_epoch_of_a_preset_is_dropped_with_a_new_schedule_length():
     with pytest.raises(ConfigError, match="stop_epoch must be between 0 and optim.epochs"):
         build_config(method="align", protocol="base2new", dataset="dtd",
                      overrides=["optim.epochs=4", "optim.stop_epoch=5"])
+
+
+def test_train_crop_scale_is_configurable_and_validated():
+    from vlprompt.data import build_transform
+
+    config = build_config(method="coop", protocol="few_shot", dataset="dtd", overrides=["data.crop_scale=[0.5, 1.0]"])
+    assert config.data.crop_scale == [0.5, 1.0]
+    crop = build_transform(True, 32, (0.5,) * 3, (0.5,) * 3, crop_scale=config.data.crop_scale).transforms[1]
+    assert crop.scale == (0.5, 1.0)
+    assert build_config(method="coop", protocol="few_shot", dataset="dtd").data.crop_scale == [0.08, 1.0]
+    with pytest.raises(ConfigError, match="data.crop_scale"):
+        build_config(method="coop", protocol="few_shot", dataset="dtd", overrides=["data.crop_scale=[0.9, 0.1]"])

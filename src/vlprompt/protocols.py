@@ -114,7 +114,8 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
     clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
     if config.backbone.grad_checkpointing:
         clip.set_grad_checkpointing(True)
-    train_transform = build_transform(True, clip.image_size, clip.image_mean, clip.image_std)
+    train_transform = build_transform(True, clip.image_size, clip.image_mean, clip.image_std,
+                                      crop_scale=config.data.crop_scale)
     test_transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
 
     # Seeds Python/NumPy/torch with the run seed, then draws the k-shot subset (Dassl's order of calls).

@@ -20,16 +20,18 @@ class ToRGB:
         return "ToRGB()"
 
 
-def build_transform(train: bool, image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+def build_transform(train: bool, image_size: int, mean: Sequence[float], std: Sequence[float],
+                    crop_scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
     """PIL image -> normalised ``(3, image_size, image_size)`` float tensor.
 
-    train: RandomResizedCrop(image_size, scale (0.08, 1), ratio (3/4, 4/3), bicubic) -> RandomHorizontalFlip(0.5)
+    train: RandomResizedCrop(image_size, scale crop_scale (Dassl's INPUT.RRCROP_SCALE, default (0.08, 1)),
+           ratio (3/4, 4/3), bicubic) -> RandomHorizontalFlip(0.5)
     test:  Resize(image_size, bicubic; the shorter side) -> CenterCrop(image_size)
     then ToTensor ([0, 1]) -> Normalize(mean, std).
     """
     if train:
         geometry = [
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=BICUBIC),
+            T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=BICUBIC),
             T.RandomHorizontalFlip(p=0.5),
         ]
     else:

@@ -68,6 +68,7 @@ class DataConfig:
     batch_size: int = 4
     num_workers: int = 4
     cache_dir: str | None = None  # few-shot subset cache; None = vlprompt's cache folder
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop scale (Dassl)
 
 
 @dataclass
@@ -397,6 +398,9 @@ def validate(config: RunConfig) -> None:
     _positive_int("seed", config.seed, 0)
     _positive_int("data.shots", config.data.shots)
     _positive_int("data.batch_size", config.data.batch_size)
+    scale = config.data.crop_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must be two numbers 0 < low <= high <= 1, got {scale}")
     _positive_int("data.num_workers", config.data.num_workers, 0)
     _positive_int("eval.batch_size", config.eval.batch_size)
     if config.tag and not re.fullmatch(r"[\w.+=-]+", config.tag):
