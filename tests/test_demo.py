@@ -1,0 +1,24 @@
+"""The reduced demo (base-to-new on the toy world, zero-shot and CoOp) lands within documented bounds.
+
+Bounds (docs/toyworld.md): the shipped toy CLIP's zero-shot base and new accuracies on ``toy_objects`` are far
+above chance (1/18), CoOp's training loss goes down, and CoOp's base accuracy stays within 10 points of zero-shot
+or above. A change that breaks the backbone, the data, the engine or learning falls outside them.
+"""
+
+import json
+
+from vlprompt.demo import QUICK, run_demo
+
+
+def test_quick_demo_results_within_documented_bounds(tmp_path):
+    markdown, written = run_demo(str(tmp_path / "demo"), QUICK)
+    results = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+               for p in (tmp_path / "demo" / "runs").rglob("results.json")}
+    assert set(results) == {"zeroshot", "coop"}
+    zero_shot, coop = results["zeroshot"]["metrics"], results["coop"]["metrics"]
+    assert zero_shot["base"] >= 60 and zero_shot["new"] >= 60  # chance is 5.6 %
+    assert coop["base"] >= zero_shot["base"] - 10
+    losses = [json.loads(line)["loss"] for line in
+              next((tmp_path / "demo" / "runs").rglob("coop-demo/**/metrics.jsonl")).read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    assert "toy_objects" in markdown and any(path.endswith(".png") for path in written)
