@@ -56,7 +56,7 @@ FULL = DemoPlan(experiments=(("base2new", 16, ()), ("few_shot", 1, ()), ("few_sh
 QUICK = DemoPlan(experiments=(("base2new", 16, ()),), methods=("zeroshot", "coop"))
 
 
-def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = None, test_per_class: int = 10,
+def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = None, test_per_class: int = 20,
                  progress: bool = False, device: str = "auto") -> list[RunConfig]:
     """The run configs of the demo, writing under ``output/runs`` with data under ``data_root``."""
     data_root = data_root or os.path.join(output, "data")
