@@ -248,14 +248,16 @@ def test_per_problem_stop_freezes_each_problem():
 
 # ------------------------------------------------------------------------------------------ gradients
 def test_default_plan_has_no_gradient_but_the_contraction_does():
-    features = torch.randn(4, 8, 16, requires_grad=True)
-    texts = torch.randn(4, 5, 16, requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(4, 8, 16, generator=generator).requires_grad_()
+    texts = torch.randn(4, 5, 16, generator=generator).requires_grad_()
     sim = features @ texts.transpose(1, 2)
     plan = vot.sinkhorn(1 - sim, eps=0.1)
     assert not plan.requires_grad
     (plan * sim).sum().backward()
-    assert torch.allclose(features.grad, plan @ texts.detach())
-    assert torch.allclose(texts.grad, plan.transpose(1, 2) @ features.detach())
+    # float32 products accumulated in another order: compare with an absolute tolerance for near-zero entries
+    assert torch.allclose(features.grad, plan @ texts.detach(), atol=1e-6)
+    assert torch.allclose(texts.grad, plan.transpose(1, 2) @ features.detach(), atol=1e-6)
 
 
 @pytest.mark.parametrize("padded", [False, True])
