@@ -228,7 +228,12 @@ class Align(PromptMethod):
         return scale * (1 - (plan * cost).sum(dim=(-2, -1)))
 
     def _token_similarity(self, views: ImageOutput, text: ClassText, batch: int, stop: str) -> torch.Tensor:
-        """Token-level OT similarity S ``(B, K, M, N)``."""
+        """Token-level OT similarity S ``(B, K, M, N)``.
+
+        Classes are solved in groups whose token sets end at the same position, each group's text tokens cut
+        there: the cut columns carry no mass, so the plans are those of the full padded problems, for a fraction
+        of the work (token sets are short, ``L`` is set by the longest prompt of all classes).
+        """
         c = self.config
         tokens = views.patch_tokens if c.visual_token_set == "patches" else views.tokens
         r = F.normalize(tokens.float(), dim=-1).view(batch, -1, tokens.shape[1], tokens.shape[2])
@@ -237,8 +242,16 @@ class Align(PromptMethod):
         mask = text.reference_mask if token_set == "reference" else text.paper_mask
         if c.mode == "reference":
             r, s = r.detach(), s.detach()  # the original code gives token features no gradient at all
-        result = ot.token_level_ot(r, s, text_mask=mask, eps=c.eps, max_iter=c.sinkhorn_iters, stop=stop)
-        return result.similarity
+        positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+        ends = (mask * positions).amax(dim=(1, 2)).clamp_min(1)  # (K,) last real token + 1 of each class
+        order = torch.argsort(ends, stable=True)
+        parts = []
+        for end in torch.unique(ends).tolist():
+            group = order[ends[order] == end]
+            result = ot.token_level_ot(r, s[group, :, :end], text_mask=mask[group, :, :end], eps=c.eps,
+                                       max_iter=c.sinkhorn_iters, stop=stop)
+            parts.append(result.similarity)
+        return torch.cat(parts, dim=1)[:, torch.argsort(order)]
 
     def _plot_similarity(self, views: ImageOutput, h: torch.Tensor, batch: int) -> torch.Tensor:
         """PLOT: Σ T ⊙ cos between the image's patch tokens ``(B, P, D)`` and the N prompt features of each class.
