@@ -7,6 +7,7 @@ import json
 import os
 
 from vlprompt.compat.mappings import SOURCES
+from vlprompt.data.commands import parse_options
 from vlprompt.errors import ConfigError
 
 PLACEHOLDER_CLASS = "object"  # builds the method when no classes are given (only shapes matter then)
@@ -32,19 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_import)
 
 
-def _options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 def _classnames(args: argparse.Namespace) -> list[str] | None:
     if args.classes_file:
         if not os.path.isfile(args.classes_file):
@@ -61,7 +49,7 @@ def run_import(args: argparse.Namespace) -> int:
     from vlprompt.compat.convert import read_original
 
     classnames = _classnames(args)
-    options = _options(args.option)
+    options = parse_options(args.option)
     original = read_original(args.source, args.checkpoint)
     clip = load_clip(args.backbone)
     method = original.build(clip, classnames or [PLACEHOLDER_CLASS], **options)
