@@ -10,11 +10,12 @@ ratio (plain time / our time, so > 1 means faster):
 * **evaluation**: the class side computed once and cached vs recomputed at full length for every test batch;
   batched vs per-view image passes;
 * **peak memory** of a training step, each configuration in a fresh subprocess: peak resident set size
-  (``VmHWM``, reset after the model is built, so it is the step's high-water mark including the model);
+  (``VmHWM``, reset after the model is built, so it is the step's high-water mark including the model), and the
+  peak of the bytes held by tensors allocated during a step (torch.profiler memory events);
 * the **share of an ALIGN training step outside the two encoders** (prompt modules, matching, loss: forward and
   backward);
-* the CPU **memory allocator**: glibc defaults vs tuned glibc thresholds vs jemalloc, on evaluation time, each in
-  a subprocess (the allocator is chosen when a process starts).
+* the CPU **memory allocator**: glibc defaults vs tuned glibc thresholds vs jemalloc, on evaluation time and peak
+  RSS, each in a subprocess (the allocator is chosen when a process starts).
 
 Timings interleave the variants they compare (round-robin, rotating the order every round) and report the median
 of the repeats, so that load from other processes hits all variants alike. Weights are random (speed does not
@@ -51,8 +52,11 @@ SECTIONS = ("text", "train", "memory", "eval", "allocator")
 # glibc: serve allocations up to 32 MB (the largest threshold glibc accepts) from the heap instead of fresh mmaps,
 # and keep up to 1 GB of freed heap instead of returning it: large tensors stop page-faulting on every allocation.
 GLIBC_TUNED = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824"
-# glibc without any mmap: every allocation comes from the (never trimmed) heap.
+# glibc without any mmap: every allocation comes from the heap, trimmed only when more than 1 GB at its top is free.
 GLIBC_NO_MMAP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
+# jemalloc as PyTorch's CPU performance guides set it up: keep freed pages instead of decaying them.
+JEMALLOC_CONF = ("oversize_threshold:1,background_thread:true,metadata_thp:auto,"
+                 "dirty_decay_ms:9000000000,muzzy_decay_ms:9000000000")
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
@@ -341,11 +345,16 @@ class _Bench:
             if len(prompts) > cap:  # keep the longest prompt: it sets the truncated length of the whole set
                 keep = torch.cat([eot.argmax().view(1), torch.arange(cap - 1, device=eot.device)]).unique()
                 token_ids, eot = token_ids[keep], eot[keep]
+            calls = max(1, cap // len(token_ids))  # small class lists: several calls per sample, not a few ms
+
+            def encode(truncate: bool) -> None:
+                for _ in range(calls):
+                    self.clip.encode_text(token_ids, truncate=truncate)
+
             with torch.no_grad():
-                times = interleaved({
-                    "truncated": lambda: self.clip.encode_text(token_ids, truncate=True),
-                    "full": lambda: self.clip.encode_text(token_ids, truncate=False),
-                }, self.repeats(classes=len(token_ids)), self.device)
+                times = interleaved({"truncated": lambda: encode(True), "full": lambda: encode(False)},
+                                    self.repeats(classes=len(token_ids)), self.device)
+            times = {k: v / calls for k, v in times.items()}
             rows.append(dict(dataset=dataset, classes=len(names), measured=len(token_ids),
                              length=int(eot.max()) + 1, full_s=times["full"], truncated_s=times["truncated"],
                              speedup=times["full"] / times["truncated"]))
@@ -535,16 +544,19 @@ class _Bench:
         jemalloc = next((path for path in JEMALLOC_PATHS if os.path.exists(path)), None)
         if jemalloc:
             variants["jemalloc"] = {"LD_PRELOAD": jemalloc}
+            variants["jemalloc tuned"] = {"LD_PRELOAD": jemalloc, "MALLOC_CONF": JEMALLOC_CONF}
         config = dict(model=self.settings.model, device="cpu", threads=self.settings.threads, method="align",
                       classes=10, batch=4, repeats=2)
-        samples: dict[str, list[float]] = {name: [] for name in variants}
+        samples: dict[str, list[dict]] = {name: [] for name in variants}
         names = list(variants)
         for round_index in range(1 if self.settings.quick else 2):  # second round in reverse order
             for name in names if round_index % 2 == 0 else names[::-1]:
-                samples[name].append(_run_child("allocator", config, variants[name])["eval_s"])
-                self.log(f"allocator {name}: {samples[name][-1]:.2f}s per batch")
+                samples[name].append(_run_child("allocator", config, variants[name]))
+                self.log(f"allocator {name}: {samples[name][-1]['eval_s']:.2f}s per batch")
         rows = [dict(allocator=name, setting=" ".join(f"{k}={v}" for k, v in env.items()) or "(none)",
-                     classes=config["classes"], batch=config["batch"], eval_s=statistics.median(samples[name]))
+                     classes=config["classes"], batch=config["batch"],
+                     eval_s=statistics.median(r["eval_s"] for r in samples[name]),
+                     peak_rss_mb=statistics.median(r.get("peak_rss_mb", float("nan")) for r in samples[name]))
                 for name, env in variants.items()]
         for row in rows:
             row["speedup"] = rows[0]["eval_s"] / row["eval_s"]
@@ -626,6 +638,7 @@ def _allocator_child(config: dict) -> dict:
     """Median seconds of one ALIGN evaluation batch (cached class side) after a warm-up batch."""
     clip, method, images, device = _child_setup(config)
     method.eval()
+    _reset_peak_rss()
     with torch.no_grad():
         cached = method.encode_classes()
         method(images, cached)  # warm-up
@@ -634,7 +647,7 @@ def _allocator_child(config: dict) -> dict:
             start = time.perf_counter()
             method(images, cached)
             times.append(time.perf_counter() - start)
-    return dict(eval_s=statistics.median(times))
+    return dict(eval_s=statistics.median(times), peak_rss_mb=_peak_rss_mb())
 
 
 # --------------------------------------------------------------------------------------------- run and report
@@ -745,10 +758,12 @@ def render_markdown(report: BenchReport) -> str:
                 parts.append(f"Composition check (ALIGN, B = {r['batch']}, K = {r['classes']}): end to end "
                              f"{r['end_to_end_s']:.2f} s per batch vs views + match {r['parts_s']:.2f} s.")
     if "allocator" in s and s["allocator"]:
-        parts.append("**Memory allocator** (ALIGN evaluation batch, class side cached; one process per setting).\n\n"
-                     + _table(["allocator", "setting", "K", "B", "s per batch", "speed-up vs glibc default"],
+        parts.append("**Memory allocator** (ALIGN evaluation batch, class side cached; one process per setting and "
+                     "round, two rounds in opposite orders; peak RSS while evaluating, model included).\n\n"
+                     + _table(["allocator", "setting", "K", "B", "s per batch", "speed-up vs glibc default",
+                               "peak RSS (MB)"],
                               [[r["allocator"], f"`{r['setting']}`", r["classes"], r["batch"], r["eval_s"],
-                                _fmt(r["speedup"], 2, "×")] for r in s["allocator"]]))
+                                _fmt(r["speedup"], 2, "×"), _fmt(r.get("peak_rss_mb"), 0)] for r in s["allocator"]]))
     return "\n\n".join(parts) + "\n"
 
 
