@@ -539,8 +539,12 @@ class _Bench:
         """ALIGN evaluation time per batch under different memory allocators (one subprocess each)."""
         if self.device.type != "cpu":
             return []
-        variants = {"glibc default": {}, "glibc tuned": {"GLIBC_TUNABLES": GLIBC_TUNED},
-                    "glibc no mmap": {"GLIBC_TUNABLES": GLIBC_NO_MMAP}}
+        # Children apply vlprompt.allocator's setting (as the vlprompt command does) unless the environment opts
+        # out (VLPROMPT_MALLOC=default) or chooses its own (GLIBC_TUNABLES, LD_PRELOAD).
+        variants = {"glibc default": {"VLPROMPT_MALLOC": "default"},
+                    "glibc tuned": {"GLIBC_TUNABLES": GLIBC_TUNED},
+                    "glibc no mmap": {"GLIBC_TUNABLES": GLIBC_NO_MMAP},
+                    "vlprompt (mallopt at start)": {}}
         jemalloc = next((path for path in JEMALLOC_PATHS if os.path.exists(path)), None)
         if jemalloc:
             variants["jemalloc"] = {"LD_PRELOAD": jemalloc}
@@ -553,7 +557,8 @@ class _Bench:
             for name in names if round_index % 2 == 0 else names[::-1]:
                 samples[name].append(_run_child("allocator", config, variants[name]))
                 self.log(f"allocator {name}: {samples[name][-1]['eval_s']:.2f}s per batch")
-        rows = [dict(allocator=name, setting=" ".join(f"{k}={v}" for k, v in env.items()) or "(none)",
+        rows = [dict(allocator=name, setting=" ".join(f"{k}={v}" for k, v in env.items())
+                     or "mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, 1 GiB)",
                      classes=config["classes"], batch=config["batch"],
                      eval_s=statistics.median(r["eval_s"] for r in samples[name]),
                      peak_rss_mb=statistics.median(r.get("peak_rss_mb", float("nan")) for r in samples[name]))
@@ -769,6 +774,9 @@ def render_markdown(report: BenchReport) -> str:
 
 def _child_main(argv: list[str]) -> None:
     kind, config = argv[0], json.loads(argv[1])
+    from vlprompt.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as the vlprompt command does, unless the variant's environment opts out
     result = _memory_child(config) if kind == "memory" else _allocator_child(config)
     print(json.dumps(result))
 

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from vlprompt.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before any tensor exists; see vlprompt.allocator for why and how to opt out
     try:
         result = args.func(args)
     except VlpromptError as error:

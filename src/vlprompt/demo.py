@@ -1,16 +1,24 @@
 """``vlprompt demo``: every protocol end to end on the bundled toy world, with the bundled toy CLIP.
 
 Nothing is downloaded: the images are generated (:mod:`vlprompt.toyworld`), the CLIP is the small model
-pretrained on the toy world and shipped in the package (``load_clip("toy")``). The demo trains and evaluates
-zero-shot CLIP, CoOp, MaPLe and ALIGN on
+pretrained on the toy world's photos and shipped in the package (``load_clip("toy")``). The demo trains and
+evaluates zero-shot CLIP, CoOp, MaPLe and ALIGN on
 
-* base-to-new on ``toy_objects`` (colour × shape classes; 16 shots, base = first half of the classes),
-* few-shot on ``toy_objects`` (1, 4, 16 shots),
+* base-to-new on ``toy_objects_sketch`` (colour × shape classes drawn as sketches; 16 shots, base = first half),
+* few-shot on ``toy_objects_sketch`` (1, 4, 16 shots),
 * cross-domain: trained on ``toy_objects`` photos, tested on the sketch / pixel / inverted / painted domains,
 
-one seed, then writes the run folders, ``report.md``, CSV tables and plots into the output folder. Schedules are
-the demo's own (:data:`DEMO_SCHEDULE`), short enough for a few minutes on two CPU cores; the library's presets
-for the real datasets are in ``vlprompt/presets``. Finished runs are skipped, so re-running only reports.
+one seed, then writes the run folders, ``report.md``, CSV tables and plots into the output folder.
+
+Why sketches for base-to-new and few-shot: the toy CLIP was pretrained on photos whose captions are exactly the
+class names, so on ``toy_objects`` photos zero-shot CLIP already sits at the ceiling of its image features (a
+16-shot linear probe does no better) and no prompt can add much, as if CLIP were evaluated on its own training
+distribution. The papers' downstream datasets differ from CLIP's pretraining data; the sketch domain plays that
+part here (zero-shot 14 %, linear probe 38 %), and prompt learning has something to learn.
+
+Schedules are the demo's own (:data:`DEMO_SCHEDULE`), short enough for a few minutes on two CPU cores; the
+library's presets for the real datasets are in ``vlprompt/presets``. Finished runs are skipped, so re-running
+only reports.
 """
 
 from __future__ import annotations
@@ -25,35 +33,50 @@ from vlprompt.engine.config import RunConfig, build_config
 log = logging.getLogger("vlprompt")
 
 DEMO_METHODS = ("zeroshot", "coop", "maple", "align")
-DEMO_DATASET = "toy_objects"
+DOWNSTREAM = "toy_objects_sketch"  # base-to-new and few-shot
+SOURCE = "toy_objects"  # cross-domain source: the pretraining domain
 DOMAIN_TARGETS = ("toy_objects_sketch", "toy_objects_pixel", "toy_objects_inverted", "toy_objects_painted")
 
-# Per method: learning rate and epochs used on the toy world (batch 16). Chosen for the toy world's 36 classes
-# and a tiny CLIP, not the papers' values.
+# Per method: learning rate and epochs by number of shots (batch 16), chosen on the toy world (36 classes, a tiny
+# CLIP), not the papers' values. Fewer shots get more epochs, as in CoOp's schedules, so that every run takes a
+# few hundred steps at most.
 DEMO_SCHEDULE = {
-    "coop": dict(lr=0.002, epochs=4),
-    "maple": dict(lr=0.005, epochs=2),
-    "align": dict(lr=0.005, epochs=2),
+    "coop": dict(lr=0.005, epochs={1: 40, 4: 20, 16: 10}),
+    "maple": dict(lr=0.02, epochs={1: 40, 4: 20, 16: 10}),
+    "align": dict(lr=0.02, epochs={1: 40, 4: 20, 16: 10}),
 }
-# Method options on the toy CLIP (3 layers per tower): the presets' depths clamp to 3 automatically.
+# Method options on the toy CLIP (3 layers per tower: the presets' prompt depths clamp to 3 automatically).
+# ALIGN uses M = N = 2 prompts, as its own SUN397 configuration does: a quarter of the transport problems.
 DEMO_METHOD_OPTIONS = {
     "coop": dict(text_n_ctx=4, text_ctx_init="a photo of a"),
+    "align": dict(n_text_prompts=2, n_visual_prompts=2),
 }
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """What the demo runs: ``(protocol, shots, targets)`` per experiment, for each method."""
+    """What the demo runs: ``(protocol, dataset, shots, targets)`` per experiment, for each method."""
 
-    experiments: tuple[tuple[str, int, tuple[str, ...]], ...]
+    experiments: tuple[tuple[str, str, int, tuple[str, ...]], ...]
     methods: tuple[str, ...] = DEMO_METHODS
     seed: int = 1
 
 
-FULL = DemoPlan(experiments=(("base2new", 16, ()), ("few_shot", 1, ()), ("few_shot", 4, ()),
-                             ("few_shot", 16, ()), ("cross_domain", 16, DOMAIN_TARGETS)))
+FULL = DemoPlan(experiments=(("base2new", DOWNSTREAM, 16, ()), ("few_shot", DOWNSTREAM, 1, ()),
+                             ("few_shot", DOWNSTREAM, 4, ()), ("few_shot", DOWNSTREAM, 16, ()),
+                             ("cross_domain", SOURCE, 16, DOMAIN_TARGETS)))
 # The reduced demo CI runs: fewer experiments, same code path.
-QUICK = DemoPlan(experiments=(("base2new", 16, ()),), methods=("zeroshot", "coop"))
+QUICK = DemoPlan(experiments=(("base2new", DOWNSTREAM, 16, ()),), methods=("zeroshot", "coop"))
+
+
+def schedule(method: str, shots: int) -> dict:
+    """The demo's ``optim`` settings for ``method`` at ``shots`` (empty for zero-shot)."""
+    if method not in DEMO_SCHEDULE:
+        return {}
+    by_shots = DEMO_SCHEDULE[method]["epochs"]
+    epochs = by_shots[min(by_shots, key=lambda k: abs(k - shots))]
+    # No warmup epoch: at 1-3 steps per epoch (1 shot) Dassl's constant warmup epoch would be a wasted tenth.
+    return dict(lr=DEMO_SCHEDULE[method]["lr"], epochs=epochs, warmup_epochs=0, stop_epoch=None)
 
 
 def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = None, test_per_class: int = 20,
@@ -62,7 +85,7 @@ def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = 
     data_root = data_root or os.path.join(output, "data")
     data_options = {"n_train_per_class": 16, "n_val_per_class": 4, "n_test_per_class": test_per_class}
     configs = []
-    for protocol, shots, targets in plan.experiments:
+    for protocol, dataset, shots, targets in plan.experiments:
         for method in plan.methods:
             cli = {
                 "backbone": {"name": "toy", "pretrained": None},
@@ -71,14 +94,14 @@ def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = 
                 "data": {"root": data_root, "options": data_options, "batch_size": 16, "num_workers": 0,
                          "crop_scale": [0.85, 1.0],
                          "cache_dir": os.path.join(output, "cache")},
-                "optim": {**DEMO_SCHEDULE[method], "stop_epoch": None} if method in DEMO_SCHEDULE else {},
+                "optim": schedule(method, shots),
                 "eval": {"batch_size": 100, "targets": list(targets)},
                 "output": os.path.join(output, "runs"),
                 "progress": progress,
                 "device": device,
                 "tag": "demo",
             }
-            configs.append(build_config(method=method, protocol=protocol, dataset=DEMO_DATASET, shots=shots,
+            configs.append(build_config(method=method, protocol=protocol, dataset=dataset, shots=shots,
                                         seed=plan.seed, cli=cli))
     return configs
 
