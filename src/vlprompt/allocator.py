@@ -10,6 +10,11 @@ unlike ``GLIBC_TUNABLES``): no ``mmap`` for allocations, and freed heap memory i
 more than 1 GiB of it is free at the top of the heap. The ``vlprompt`` command calls it at start; set
 ``VLPROMPT_MALLOC=default`` to keep glibc's behaviour. It does nothing on other C libraries, or when the user
 already set ``GLIBC_TUNABLES`` or preloads another allocator (``LD_PRELOAD``, e.g. jemalloc).
+
+The price: freed memory stays with the process, so its resident size stays near its peak (as with PyTorch's
+CUDA caching allocator). A process that moves from a memory-hungry phase to another, or that starts children
+which need the memory, calls :func:`release_memory` in between (``vlprompt bench`` does, between its
+configurations).
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_cpu_allocator() -> bool:
     """Make glibc serve large allocations from the heap and keep freed memory; return whether it was applied."""
     if os.environ.get("VLPROMPT_MALLOC", "").lower() == "default":
@@ -34,11 +46,26 @@ def tune_cpu_allocator() -> bool:
     if "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ:  # the user chose an allocator setting
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = _libc().mallopt
+    except AttributeError:  # no libc found, or one without mallopt
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success, 0 on error.
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def release_memory() -> bool:
+    """Return the free pages of the heap to the system (glibc ``malloc_trim(0)``); whether any were released.
+
+    Safe to call at any time; a no-op (False) off glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = _libc().malloc_trim
+    except AttributeError:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vlprompt import ot
+from vlprompt.allocator import release_memory
 from vlprompt.backbone import ImageOutput, PromptableCLIP, load_clip
 from vlprompt.methods import build_method
 from vlprompt.methods.align import Align
@@ -406,7 +407,8 @@ class _Bench:
                                         if "outside_encoders" in times else None)
                 rows.append(row)
                 self.log(f"train {name} K={classes}: " + ", ".join(f"{k} {v:.2f}s" for k, v in times.items()))
-                del method
+                method = cases = None
+                release_memory()  # the heap keeps a step's peak (vlprompt.allocator); children need it back
         return rows
 
     def _with(self, method, images, labels, truncate=True, checkpoint=False, per_view=False) -> None:
@@ -444,6 +446,7 @@ class _Bench:
                         ("coop", 100, "ours"), ("coop", 100, "full_text"), ("maple", 100, "ours"),
                         ("coop", 1000, "ours"), ("align", 1000, "checkpointing")]
         rows = []
+        release_memory()
         for name, classes, variant in configs:
             config = dict(model=self.settings.model, device=self.settings.device, threads=self.settings.threads,
                           method=name, classes=classes, batch=self.settings.train_batch, variant=variant,
@@ -674,6 +677,7 @@ def run(settings: BenchSettings, log: Callable[[str], None] = print,
     for section in SECTIONS:
         if section in settings.sections:
             report.sections[section] = handlers[section]()
+            release_memory()
             report.seconds = time.perf_counter() - started
             if on_section is not None:
                 on_section(report)
