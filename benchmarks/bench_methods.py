@@ -3,7 +3,7 @@
 Same as ``vlprompt bench``; see :mod:`vlprompt.bench` for what is measured and how. Examples::
 
     python benchmarks/bench_methods.py --quick
-    python benchmarks/bench_methods.py --json bench.json --markdown bench.md   # the full run (~20 min, 2 cores)
+    python benchmarks/bench_methods.py --json bench.json --markdown bench.md   # the full run (~1 hour, 2 cores)
     python benchmarks/bench_methods.py --only train,memory
 """
 

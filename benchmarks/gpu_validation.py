@@ -17,7 +17,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from vlprompt.backbone import load_clip
 from vlprompt.methods import available, build_method

@@ -1,9 +1,7 @@
 """PromptableCLIP against open_clip's own forward, prompt insertion semantics, and safe weight loading."""
 
 import os
-import pickle
 
-import open_clip
 import pytest
 import torch
 

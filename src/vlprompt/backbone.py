@@ -367,7 +367,8 @@ class PromptableCLIP(nn.Module):
                 x = x.transpose(0, 1)
             run = lambda b, h, m: b(h, attn_mask=m)  # noqa: E731
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(run, block, x, mask, use_reentrant=False)
+            # No RNG state to save: the frozen backbone runs without dropout (see train()).
+            x = checkpoint(run, block, x, mask, use_reentrant=False, preserve_rng_state=False)
         else:
             x = run(block, x, mask)
         return x if batch_first else x.transpose(0, 1)

@@ -9,7 +9,7 @@ from vlprompt.errors import ConfigError
 
 USAGE_NOTE = ("Every figure is measured side by side with the plain way (full-length text, class side recomputed per "
               "test batch, one image pass per visual prompt set, no checkpointing) and given as a ratio. The full run "
-              "takes about 20 minutes on 2 CPU cores; --quick takes a few minutes.")
+              "takes about an hour on 2 CPU cores and 24 GB; --quick takes about 10 minutes.")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -49,19 +49,8 @@ FACTORIES: dict[str, Callable[..., PromptMethod]] = {name: _align_factory(name) 
 FACTORIES["cocoop"] = CoCoOp
 DESCRIPTIONS = {name: description for name, (_, description) in ALIGN_PRESETS.items()}
 DESCRIPTIONS["cocoop"] = "CoCoOp: CoOp context plus an image-conditioned meta-net bias"
-
-
-def _aple_available() -> bool:
-    try:
-        import vlprompt.methods.aple  # noqa: F401
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
-if _aple_available():
-    FACTORIES["aple"] = _aple_factory
-    DESCRIPTIONS["aple"] = "APLe: two-stage text then visual prompts with an FFT/Gaussian image adapter"
+FACTORIES["aple"] = _aple_factory
+DESCRIPTIONS["aple"] = "APLe: two-stage text then visual prompts with an FFT/Gaussian image adapter"
 
 
 def available() -> list[str]:
