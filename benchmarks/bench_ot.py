@@ -78,10 +78,15 @@ def original_sinkhorn(kernel, u, v, max_iter=100, thresh=1e-2):
     return torch.matmul(r.unsqueeze(-1), c.unsqueeze(-2)) * kernel
 
 
+def text_lengths(mask):
+    """Real tokens per class (the same for its N prompts): ``[L_k]``."""
+    return mask[:, 0].sum(-1).tolist()
+
+
 def pair_similarities(image, text, mask):
     """Per (j, k) pair, the ``(M·N, P, L_k)`` token similarities over the real tokens, as the original code
     computes them."""
-    lengths = mask[:, 0].sum(-1).tolist()
+    lengths = text_lengths(mask)
     return [[torch.einsum("mpd,nld->mnpl", image[j], text[k, :, :lengths[k]]).reshape(M * N, P, lengths[k])
              for k in range(text.shape[0])] for j in range(image.shape[0])]
 
@@ -105,7 +110,7 @@ def original_loop(image, text, mask):
 
 def per_problem_loop(image, text, mask):
     """Token similarity ``(B, K, M, N)`` with one Python-level call per OT problem (the original Sinkhorn, batch 1)."""
-    lengths = mask[:, 0].sum(-1).tolist()
+    lengths = text_lengths(mask)
     out = torch.empty(image.shape[0], text.shape[0], M, N, device=image.device)
     for j in range(image.shape[0]):
         for k in range(text.shape[0]):
@@ -128,12 +133,9 @@ def pot_per_problem(pot, costs, lengths):
                     pot.sinkhorn(a, b, costs[j, k, m, n, :, :lengths[k]], EPS, numItermax=100, stopThr=1e-6)
 
 
-def timed(fn, repeats, device):
-    """Median wall-clock seconds of ``repeats`` calls after one warm-up, and the last result."""
-    if repeats == 0:  # a single timed call, no warm-up
-        repeats, result = 1, None
-    else:
-        result = fn()
+def timed(fn, repeats, device, warmup=True):
+    """Median wall-clock seconds of ``repeats`` calls (after one warm-up call if ``warmup``), and the last result."""
+    result = fn() if warmup else None
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -179,7 +181,8 @@ def main():
         t_ref, ours_ref = timed(lambda: token_level_ot(image, text, mask, stop="reference").similarity,
                                 repeats, device)
         t_pp, _ = timed(lambda: token_level_ot(image, text, mask).similarity, repeats, device)
-        t_problem, problem_loop = timed(lambda: per_problem_loop(image, text, mask), 0, device)
+        t_problem, problem_loop = timed(lambda: per_problem_loop(image, text, mask), 1, device,
+                                         warmup=False)
         end_to_end.append(f"| {n_images} | {n_classes} | {problems} | {t_problem:.3f} s | {t_loop:.3f} s | "
                           f"{t_ref:.3f} s | {t_problem / t_ref:.1f}x | {t_loop / t_ref:.1f}x | {t_pp:.3f} s | "
                           f"{t_problem / t_pp:.1f}x |")
@@ -200,7 +203,8 @@ def main():
         if pot_batch is not None:
             import ot as pot
 
-            t_pot_loop, _ = timed(lambda: pot_per_problem(pot, cost, mask[:, 0].sum(-1).tolist()), 0, device)
+            t_pot_loop, _ = timed(lambda: pot_per_problem(pot, cost, text_lengths(mask)), 1, device,
+                                  warmup=False)
             weights = mask.float() / mask.sum(-1, keepdim=True)
             b = weights[None, :, None].expand(n_images, n_classes, M, N, L).reshape(-1, L).contiguous()
             a = torch.full((problems, P), 1.0 / P, device=device)

@@ -1,6 +1,7 @@
 """The CPU allocator setting of ``vlprompt.allocator``: applied through mallopt, skipped when the user opted out
 or chose an allocator, and harmless to tensors. Its speed effect is measured by ``vlprompt bench`` (allocator)."""
 
+import json
 import os
 import platform
 import subprocess
@@ -11,30 +12,30 @@ import pytest
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 PROBE = """
-import ctypes, json, sys
+import json
 from vlprompt.allocator import tune_cpu_allocator
 applied = tune_cpu_allocator()
 import torch
-# An allocation far above glibc's largest mmap threshold (32 MB): with mmap disabled it comes from the heap,
-# so freeing it keeps the pages and a second allocation of the same size reuses them.
+# Allocations far above glibc's largest mmap threshold (32 MB), freed and allocated again: with mmap disabled
+# they come from the heap, and their values must be what was written.
 x = torch.ones(64 * 2**20 // 4); total = float(x.sum()); del x
 y = torch.zeros(64 * 2**20 // 4); y += 2; total2 = float(y.sum())
 print(json.dumps({"applied": applied, "sums": [total, total2]}))
 """
 
 
-def probe(env_extra: dict) -> dict:
-    import json
-
+def run_probe(code: str, env_extra: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (the allocator is per process) without the user's allocator settings;
+    return the JSON it prints last."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "VLPROMPT_MALLOC")}
-    env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=True)
+    env.update(env_extra or {})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt tuning is glibc-only; elsewhere tune_cpu_allocator returns False")
 def test_applied_on_glibc_and_tensors_are_unaffected():
-    result = probe({})
+    result = run_probe(PROBE)
     assert result["applied"] is True
     n = 64 * 2**20 // 4
     assert result["sums"] == [float(n), float(2 * n)]
@@ -44,7 +45,7 @@ def test_applied_on_glibc_and_tensors_are_unaffected():
                                  {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"},
                                  {"LD_PRELOAD": ""}])
 def test_user_choice_wins(env):
-    assert probe(env)["applied"] is False
+    assert run_probe(PROBE, env)["applied"] is False
 
 
 def test_not_applied_off_glibc(monkeypatch):
@@ -82,10 +83,6 @@ print(json.dumps({"before": before, "held": held, "after": after, "released": re
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
 def test_release_memory_returns_what_the_tuned_heap_keeps():
-    import json
-
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "VLPROMPT_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, env=env, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_probe(RELEASE_PROBE)
     assert result["held"] > result["before"] - 512  # without mmap the freed 1 GB mostly stays resident ...
     assert result["released"] and result["after"] < result["held"] - 512  # ... until release_memory()

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from conftest_methods import perturb
 from vlprompt.compat import (SOURCES, Placeholder, export_original, import_original, load_pickled,
                              read_original)
 from vlprompt.errors import CheckpointError
@@ -142,17 +143,9 @@ CASES = {
 }
 
 
-def perturbed(method, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in method.prompt_parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-    return method
-
-
 def hand_built(tiny_clip, case, classes=CLASSES):
     source, name, options = CASES[case]
-    return source, perturbed(build_method(name, tiny_clip, classes, **options))
+    return source, perturb(build_method(name, tiny_clip, classes, **options), scale=0.1)
 
 
 def assert_same_prompts(a, b):

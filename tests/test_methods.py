@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest_methods import perturb
 from vlprompt import ot
 from vlprompt.backbone import load_clip
 from vlprompt.errors import ConfigError
@@ -15,13 +16,6 @@ NEW_CLASSES = ["fire truck", "tabby cat", "banana"]
 
 def copy_prompts(source, target):
     target.load_prompt_state_dict(source.prompt_state_dict())
-
-
-def perturb(method, scale=0.05, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in method.prompt_parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def test_align_with_one_prompt_per_side_is_maple(tiny_clip, images):

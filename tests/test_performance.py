@@ -4,6 +4,7 @@ the plain-block forward, and chunked / length-grouped token OT. Correctness only
 import pytest
 import torch
 
+from conftest_methods import perturb
 from vlprompt import ot
 from vlprompt.backbone import _is_plain_block, _plain_block_forward, load_clip
 from vlprompt.bench import (BenchReport, BenchSettings, encode_views_per_view, imagenet_names, interleaved,
@@ -21,13 +22,6 @@ def vit_b16():
 @pytest.fixture(scope="module")
 def dataset_names():
     return shipped_classnames()
-
-
-def perturb(method, scale=0.05, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, parameter in method.prompt_parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
 
 
 def assert_truncation_exact(clip, prompts):

@@ -30,7 +30,10 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD_BYTES = 1 << 30
 
 
-def _libc():
+def _glibc():
+    """The C library if it is glibc on Linux, else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
@@ -41,14 +44,12 @@ def tune_cpu_allocator() -> bool:
     """Make glibc serve large allocations from the heap and keep freed memory; return whether it was applied."""
     if os.environ.get("VLPROMPT_MALLOC", "").lower() == "default":
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
     if "GLIBC_TUNABLES" in os.environ or "LD_PRELOAD" in os.environ:  # the user chose an allocator setting
         return False
-    try:
-        mallopt = _libc().mallopt
-    except AttributeError:  # no libc found, or one without mallopt
+    libc = _glibc()
+    if libc is None:
         return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success, 0 on error.
@@ -60,12 +61,10 @@ def release_memory() -> bool:
 
     Safe to call at any time; a no-op (False) off glibc.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        trim = _libc().malloc_trim
-    except AttributeError:
-        return False
+    trim = libc.malloc_trim
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
     return bool(trim(0))

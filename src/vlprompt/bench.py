@@ -446,7 +446,6 @@ class _Bench:
                         ("coop", 100, "ours"), ("coop", 100, "full_text"), ("maple", 100, "ours"),
                         ("coop", 1000, "ours"), ("align", 1000, "checkpointing")]
         rows = []
-        release_memory()
         for name, classes, variant in configs:
             config = dict(model=self.settings.model, device=self.settings.device, threads=self.settings.threads,
                           method=name, classes=classes, batch=self.settings.train_batch, variant=variant,

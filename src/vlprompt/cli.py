@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from vlprompt.allocator import tune_cpu_allocator
 
-    tune_cpu_allocator()  # before any tensor exists; see vlprompt.allocator for why and how to opt out
+    tune_cpu_allocator()  # for every later allocation; see vlprompt.allocator for why and how to opt out
     try:
         result = args.func(args)
     except VlpromptError as error:

@@ -16,7 +16,7 @@ class names, so on ``toy_objects`` photos zero-shot CLIP already sits at the cei
 distribution. The papers' downstream datasets differ from CLIP's pretraining data; the sketch domain plays that
 part here (zero-shot 14 %, linear probe 38 %), and prompt learning has something to learn.
 
-Schedules are the demo's own (:data:`DEMO_SCHEDULE`), short enough for a few minutes on two CPU cores; the
+Schedules are the demo's own (:data:`DEMO_LR`, :data:`DEMO_EPOCHS`), short enough for a few minutes on two CPU cores; the
 library's presets for the real datasets are in ``vlprompt/presets``. Finished runs are skipped, so re-running
 only reports.
 """
@@ -37,14 +37,11 @@ DOWNSTREAM = "toy_objects_sketch"  # base-to-new and few-shot
 SOURCE = "toy_objects"  # cross-domain source: the pretraining domain
 DOMAIN_TARGETS = ("toy_objects_sketch", "toy_objects_pixel", "toy_objects_inverted", "toy_objects_painted")
 
-# Per method: learning rate and epochs by number of shots (batch 16), chosen on the toy world (36 classes, a tiny
+# Learning rate per method and epochs per number of shots (batch 16), chosen on the toy world (36 classes, a tiny
 # CLIP), not the papers' values. Fewer shots get more epochs, as in CoOp's schedules, so that every run takes a
 # few hundred steps at most.
-DEMO_SCHEDULE = {
-    "coop": dict(lr=0.005, epochs={1: 40, 4: 20, 16: 10}),
-    "maple": dict(lr=0.02, epochs={1: 40, 4: 20, 16: 10}),
-    "align": dict(lr=0.02, epochs={1: 40, 4: 20, 16: 10}),
-}
+DEMO_LR = {"coop": 0.005, "maple": 0.02, "align": 0.02}
+DEMO_EPOCHS = {1: 40, 4: 20, 16: 10}
 # Method options on the toy CLIP (3 layers per tower: the presets' prompt depths clamp to 3 automatically).
 # ALIGN uses M = N = 2 prompts, as its own SUN397 configuration does: a quarter of the transport problems.
 DEMO_METHOD_OPTIONS = {
@@ -71,12 +68,11 @@ QUICK = DemoPlan(experiments=(("base2new", DOWNSTREAM, 16, ()),), methods=("zero
 
 def schedule(method: str, shots: int) -> dict:
     """The demo's ``optim`` settings for ``method`` at ``shots`` (empty for zero-shot)."""
-    if method not in DEMO_SCHEDULE:
+    if method not in DEMO_LR:
         return {}
-    by_shots = DEMO_SCHEDULE[method]["epochs"]
-    epochs = by_shots[min(by_shots, key=lambda k: abs(k - shots))]
+    epochs = DEMO_EPOCHS[min(DEMO_EPOCHS, key=lambda k: abs(k - shots))]
     # No warmup epoch: at 1-3 steps per epoch (1 shot) Dassl's constant warmup epoch would be a wasted tenth.
-    return dict(lr=DEMO_SCHEDULE[method]["lr"], epochs=epochs, warmup_epochs=0, stop_epoch=None)
+    return dict(lr=DEMO_LR[method], epochs=epochs, warmup_epochs=0, stop_epoch=None)
 
 
 def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = None, test_per_class: int = 20,
