@@ -246,6 +246,32 @@ def test_per_problem_stop_freezes_each_problem():
         assert torch.allclose(alone.plan, batch.plan[i], atol=1e-8, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stop", ["per_problem", "reference"])
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_running_ahead_of_the_host_gives_the_same_iterates(monkeypatch, stop, differentiable):
+    """On CUDA small batches queue the next iteration before the host has read the convergence and absorption
+    flags, and drop it when the flags say stop or absorb first: forced on here, nothing may change."""
+    generator = torch.Generator().manual_seed(21)
+    cost = torch.rand(6, 3, 17, 9, generator=generator) * 2
+    row_mask = torch.rand(6, 3, 17, generator=generator) > 0.2
+    col_mask = torch.rand(6, 3, 9, generator=generator) > 0.3
+    row_mask[..., 0] = col_mask[..., 0] = True
+    absorptions = []
+    absorb = vot._Sinkhorn.absorb
+    monkeypatch.setattr(vot._Sinkhorn, "absorb", lambda self, state: absorptions.append(1) or absorb(self, state))
+
+    def solve():
+        result = vot.sinkhorn(cost.double().requires_grad_(differentiable), row_mask=row_mask, col_mask=col_mask,
+                              eps=0.005, stop=stop, differentiable=differentiable, return_info=True)
+        return result.plan.detach(), result.n_iter
+
+    in_step = solve()
+    monkeypatch.setattr(vot, "_runs_ahead", lambda log_kernel_t: True)
+    ahead = solve()
+    assert len(absorptions) >= 2 * 3  # the case to test: absorptions between iterations, both times
+    assert torch.equal(ahead[1], in_step[1]) and torch.equal(ahead[0], in_step[0])
+
+
 # ------------------------------------------------------------------------------------------ gradients
 def test_default_plan_has_no_gradient_but_the_contraction_does():
     generator = torch.Generator().manual_seed(0)
@@ -438,6 +464,7 @@ def test_cuda_matches_cpu_and_survives_autocast():
     assert torch.allclose(vot.sinkhorn(cost.cuda(), eps=0.05, **TIGHT).cpu(), expected, atol=1e-6)
     reference = vot.sinkhorn(cost.cuda(), eps=0.1, stop="reference", return_info=True)
     assert torch.equal(reference.n_iter.cpu(), vot.sinkhorn(cost, eps=0.1, stop="reference", return_info=True).n_iter)
+    assert vot._runs_ahead(torch.empty(640, 20, 198, device="cuda"))  # the path these small batches took
     image, text, text_mask = token_features()
     on_gpu = vot.token_level_ot(image.cuda(), text.cuda(), text_mask.cuda())
     assert torch.allclose(on_gpu.similarity.cpu(), vot.token_level_ot(image, text, text_mask).similarity, atol=1e-5)

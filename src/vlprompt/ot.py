@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +50,8 @@ _UNRELIABLE_SUM = 1e-25
 # Stabilised-kernel entries below this may have lost digits to underflow: absorption recomputes them from the
 # potentials instead of rescaling them.
 _UNDERFLOWED = 1e-30
+# Batches of up to this many kernel entries queue an iteration ahead of the host's convergence check on CUDA.
+_RUN_AHEAD_MAX_ENTRIES = 2**26
 # Default memory budget for one (B, k, M, N, P, L) block of token similarities in `token_level_ot`.
 TOKEN_BLOCK_BYTES = 256 * 2**20
 
@@ -214,83 +217,165 @@ def _solve(log_kernel_t, a, b, max_iter, tol, reference, group, differentiable):
     """Sinkhorn on log-kernels ``-Cᵀ/eps`` ``(n, Q, P)`` with marginals ``(n, P)`` and ``(n, Q)``.
 
     ``group`` consecutive problems share the reference criterion. Returns the transposed plans ``(n, Q, P)`` and
-    the iteration counts ``(n,)``. Without autograd the big tensors are updated in place (CPU allocations of this
-    size cost page faults); with it, every step makes fresh tensors that autograd can keep.
+    the iteration counts ``(n,)``.
+
+    The host learns after every iteration whether problems are left and whether a scaling has left
+    ``[e^-20, e^20]`` (then the scalings are absorbed before the next iteration). On a GPU, for batches whose
+    iterations are short, the next iteration is queued before the host waits for that answer, so that the device
+    never idles while the host decides; the queued iteration is dropped when the answer is "stop" or "absorb
+    first". The iterates are the same either way.
     """
-    inplace = not differentiable
-    n_problems = log_kernel_t.shape[0]
-    real_rows, real_cols = (a > 0).to(a.dtype), (b > 0).to(b.dtype)
-    # Rows/columns without mass get the scaling a / (sum + 1) = 0: the plan is exactly 0 there whatever finite
-    # cost they hold, and they never enter another row's or column's sum.
-    row_pad, col_pad = 1 - real_rows, 1 - real_cols
-
-    # Iteration 1, from r = c = 1 on the real entries as in the original code, against the kernel divided by its
-    # row maxima: exp(-C/eps) itself may underflow, this one has a 1 in every row.
-    row_max = log_kernel_t.amax(1).detach()  # a shift only: the result does not depend on it
-    kernel_t = torch.sub(log_kernel_t, row_max[:, None, :]).exp_()
-    kernel = _transposed(kernel_t)
-    row_sums = _row_sums(kernel_t, real_cols)
-    r = a / (row_sums + row_pad)
-    col_sums = _col_sums(kernel, r)
-    c = b / (col_sums + col_pad)
-    f, g = -row_max, torch.zeros_like(b)  # the log-potentials inside the kernel: K̃ = exp(-C/eps + f_i + g_j)
-    lost_digits = ((row_sums < _UNRELIABLE_SUM) & (a > 0)).any() | ((col_sums < _UNRELIABLE_SUM) & (b > 0)).any()
-    if bool(lost_digits):
-        # A column ≳57 e-folds below every row's best match (eps ≪ cost range), or padding far cheaper than the
-        # real entries: the scaled sums lost digits to underflow, so take iteration 1 in the log domain instead.
-        f = a.log() - torch.logsumexp(log_kernel_t + real_cols.log()[:, :, None], dim=1)
-        g = b.log() - torch.logsumexp(log_kernel_t + f[:, None, :], dim=2)
-        kernel_t = _exp_of_sum(log_kernel_t, f, g)
-        kernel = _transposed(kernel_t)
-        r, c = real_rows, real_cols
-    n_iter = torch.ones(n_problems, dtype=torch.long, device=a.device)
-    scale_f = _original_scale(f, a) if reference else None
-    if reference:
-        group_rows = real_rows.view(-1, group, real_rows.shape[1]).sum((1, 2)).clamp_min(1)
-        step = ((scale_f * r - 1).abs() * real_rows).sum(1)  # the original's r is exp(f)·r, and started at 1
-        active = ~_group_mean_below(step, group_rows, tol)
-    else:
-        active = torch.ones(n_problems, dtype=torch.bool, device=a.device)
-
+    solver = _Sinkhorn(log_kernel_t, a, b, tol, reference, group, differentiable)
+    state = solver.first_iteration()
+    run_ahead = _runs_ahead(log_kernel_t)
     bound = math.exp(_ABSORB_LOG_BOUND)
     for _ in range(1, max_iter):
-        # One host synchronisation per iteration: are problems left, and has a scaling left [1/bound, bound]?
-        r_min, r_max = torch.aminmax(r.detach() + row_pad)
-        c_min, c_max = torch.aminmax(c.detach() + col_pad)
-        any_active, low, high = torch.stack([active.any().to(r.dtype), torch.minimum(r_min, c_min),
-                                             torch.maximum(r_max, c_max)]).tolist()
+        ahead = solver.step(state) if run_ahead else None
+        any_active, low, high = state.flags.values()
         if not any_active:
             break
         if low < 1 / bound or high > bound:
-            # Absorb the scalings into the kernel and its log-potentials (log 0 = -inf on padding, kept out of
-            # the gradient). Entries that matter are rescaled, exact to rounding; only those that had underflowed
-            # are recomputed as exp(-C/eps + f + g), which is exact to ~|f|·1e-7 relative only (a floor of ~1e-5
-            # at eps = 0.01 if used for all entries) but cannot make these entries matter. Stopped problems are
-            # absorbed too: their plan r K̃ c does not change.
-            f = f + (r + row_pad).log() + real_rows.log()
-            g = g + (c + col_pad).log() + real_cols.log()
-            fresh = _exp_of_sum(log_kernel_t, f, g)
-            kernel_t = _scaled(kernel_t, r, c, inplace)
-            kernel_t = torch.where(kernel_t > _UNDERFLOWED, kernel_t, fresh, out=kernel_t if inplace else None)
-            kernel = _transposed(kernel_t, out=kernel if inplace else None)
-            r, c = real_rows, real_cols
-            scale_f = _original_scale(f, a) if reference else None
-        row_sums = _row_sums(kernel_t, c)
-        r_new = a / (row_sums + row_pad)
+            state, ahead = solver.absorb(state), None
+        state = solver.step(state) if ahead is None else ahead
+    return solver.plan_t(state), state.n_iter
+
+
+def _runs_ahead(log_kernel_t) -> bool:
+    """Queue an iteration ahead of the host's check? On CUDA only, and only while an iteration is short: the
+    check's round trip (tens of µs) then costs about as much as the iteration; on larger batches the one iteration
+    computed in vain at the end would cost more than the waits it saves (2**26 entries are two ~0.1 ms passes on an
+    H100: an estimate, not a measurement)."""
+    return log_kernel_t.device.type == "cuda" and log_kernel_t.numel() <= _RUN_AHEAD_MAX_ENTRIES
+
+
+class _HostValues:
+    """A small device tensor on its way to the host: on CUDA copied into pinned memory without blocking the host
+    (an event marks the copy's end); ``values()`` waits for it and returns the Python numbers."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tensor
+
+    def values(self) -> list:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+class _Iterates(NamedTuple):
+    """The loop's state between two iterations. Never modified in place, so that one computed ahead can be
+    dropped."""
+
+    r: torch.Tensor  # (n, P) row scalings of the current kernel, 0 on rows without mass
+    c: torch.Tensor  # (n, Q) column scalings, 0 on columns without mass
+    active: torch.Tensor  # (n,) bool: the problem still iterates
+    n_iter: torch.Tensor  # (n,) int64: iterations run
+    flags: _HostValues  # [any problem active, smallest scaling, largest scaling], for the host
+
+
+class _Sinkhorn:
+    """Scaling iterations on the stabilised kernel ``K̃ = exp(-C/eps + f_i + g_j)`` of a batch of problems.
+
+    Holds what iterations share: the kernel in both layouts (``(n, Q, P)`` and ``(n, P, Q)``, so that both
+    vector-matrix products read contiguous rows), its log-potentials f, g and the marginals. Without autograd the
+    kernel is updated in place (CPU allocations of this size cost page faults); with it, every update makes fresh
+    tensors that autograd can keep.
+    """
+
+    def __init__(self, log_kernel_t, a, b, tol, reference, group, differentiable):
+        self.log_kernel_t, self.a, self.b, self.tol, self.reference = log_kernel_t, a, b, tol, reference
+        self.inplace = not differentiable
+        self.real_rows, self.real_cols = (a > 0).to(a.dtype), (b > 0).to(b.dtype)
+        # Rows/columns without mass get the scaling a / (sum + 1) = 0: the plan is exactly 0 there whatever finite
+        # cost they hold, and they never enter another row's or column's sum.
+        self.row_pad, self.col_pad = 1 - self.real_rows, 1 - self.real_cols
         if reference:
+            self.group_rows = self.real_rows.view(-1, group, a.shape[1]).sum((1, 2)).clamp_min(1)
+
+    def first_iteration(self) -> _Iterates:
+        """Iteration 1, from ``r = c = 1`` on the real entries as in the original code."""
+        a, b, log_kernel_t = self.a, self.b, self.log_kernel_t
+        # Against the kernel divided by its row maxima: exp(-C/eps) itself may underflow, this one has a 1 in
+        # every row.
+        row_max = log_kernel_t.amax(1).detach()  # a shift only: the result does not depend on it
+        self._set_kernel(torch.sub(log_kernel_t, row_max[:, None, :]).exp_(), f=-row_max, g=torch.zeros_like(b))
+        row_sums = _row_sums(self.kernel_t, self.real_cols)
+        r = a / (row_sums + self.row_pad)
+        col_sums = _col_sums(self.kernel, r)
+        c = b / (col_sums + self.col_pad)
+        lost_digits = ((row_sums < _UNRELIABLE_SUM) & (a > 0)).any() | ((col_sums < _UNRELIABLE_SUM) & (b > 0)).any()
+        if bool(lost_digits):
+            # A column ≳57 e-folds below every row's best match (eps ≪ cost range), or padding far cheaper than
+            # the real entries: the scaled sums lost digits to underflow, so take iteration 1 in the log domain.
+            f = a.log() - torch.logsumexp(log_kernel_t + self.real_cols.log()[:, :, None], dim=1)
+            g = b.log() - torch.logsumexp(log_kernel_t + f[:, None, :], dim=2)
+            self._set_kernel(_exp_of_sum(log_kernel_t, f, g), f, g)
+            r, c = self.real_rows, self.real_cols
+        n_iter = torch.ones(a.shape[0], dtype=torch.long, device=a.device)
+        if self.reference:
+            step = ((self.scale_f * r - 1).abs() * self.real_rows).sum(1)  # the original's r is exp(f)·r, from 1
+            active = ~_group_mean_below(step, self.group_rows, self.tol)
+        else:
+            active = torch.ones_like(n_iter, dtype=torch.bool)
+        return self._iterates(r, c, active, n_iter)
+
+    def step(self, state: _Iterates) -> _Iterates:
+        """One iteration (row update, then column update) of the problems still active."""
+        a, r, keep = self.a, state.r, state.active[:, None]
+        row_sums = _row_sums(self.kernel_t, state.c)
+        r_new = a / (row_sums + self.row_pad)
+        if self.reference:
             # The change of the original's r = exp(f)·r since the last iteration, summed over the rows.
-            step = (scale_f * (r_new - r).abs()).sum(1)
-            done = _group_mean_below(step, group_rows, tol)
+            done = _group_mean_below((self.scale_f * (r_new - r).abs()).sum(1), self.group_rows, self.tol)
         else:
             # L1 row-marginal error of the current plan, free from the row sums the update needs anyway.
-            done = torch.addcmul(a, r, row_sums, value=-1).abs().sum(1) < tol
-        r = torch.where(active[:, None], r_new, r)
-        c = torch.where(active[:, None], b / (_col_sums(kernel, r) + col_pad), c)
-        n_iter = n_iter + active
-        active = active & ~done
-    # The plan r_i K̃_ij c_j: its marginals are those the iterations measured (recomputing exp(-C/eps + f + g +
-    # log r + log c) instead would round the large potentials again, ~1e-6 relative error at eps = 0.1).
-    return _scaled(kernel_t, r, c, inplace), n_iter
+            done = torch.addcmul(a, r, row_sums, value=-1).abs().sum(1) < self.tol
+        r = torch.where(keep, r_new, r)
+        c = torch.where(keep, self.b / (_col_sums(self.kernel, r) + self.col_pad), state.c)
+        return self._iterates(r, c, state.active & ~done, state.n_iter + state.active)
+
+    def absorb(self, state: _Iterates) -> _Iterates:
+        """Move the scalings into the kernel and its log-potentials; the iterates' plan ``r K̃ c`` is unchanged.
+
+        Entries that matter are rescaled, exact to rounding; only those that had underflowed are recomputed as
+        ``exp(-C/eps + f + g)``, which is exact to ~|f|·1e-7 relative only (a floor of ~1e-5 at eps = 0.01 if used
+        for all entries) but cannot make these entries matter. Stopped problems are absorbed too. log 0 = -inf on
+        padding is kept out of the gradient.
+        """
+        r, c, inplace = state.r, state.c, self.inplace
+        f = self.f + (r + self.row_pad).log() + self.real_rows.log()
+        g = self.g + (c + self.col_pad).log() + self.real_cols.log()
+        fresh = _exp_of_sum(self.log_kernel_t, f, g)
+        kernel_t = _scaled(self.kernel_t, r, c, inplace)
+        kernel_t = torch.where(kernel_t > _UNDERFLOWED, kernel_t, fresh, out=kernel_t if inplace else None)
+        self._set_kernel(kernel_t, f, g, reuse=inplace)
+        return self._iterates(self.real_rows, self.real_cols, state.active, state.n_iter)
+
+    def plan_t(self, state: _Iterates) -> torch.Tensor:
+        """The transposed plans ``r_i K̃_ij c_j`` ``(n, Q, P)``: their marginals are those the iterations measured
+        (recomputing ``exp(-C/eps + f + g + log r + log c)`` instead would round the large potentials again, ~1e-6
+        relative error at eps = 0.1). Ends the solver when in place."""
+        return _scaled(self.kernel_t, state.r, state.c, self.inplace)
+
+    def _set_kernel(self, kernel_t, f, g, reuse=False):
+        self.kernel_t, self.f, self.g = kernel_t, f, g
+        self.kernel = _transposed(kernel_t, out=self.kernel if reuse else None)
+        if self.reference:
+            # exp(f) on rows with mass, 0 on padded ones (whose potentials may be anything): the original code's
+            # r is this times ours.
+            self.scale_f = torch.where(self.a > 0, f, -math.inf).exp()
+
+    def _iterates(self, r, c, active, n_iter) -> _Iterates:
+        r_min, r_max = torch.aminmax(r.detach() + self.row_pad)  # two reductions: cheaper than one over a cat
+        c_min, c_max = torch.aminmax(c.detach() + self.col_pad)
+        flags = torch.stack([active.any().to(r_min.dtype), torch.minimum(r_min, c_min), torch.maximum(r_max, c_max)])
+        return _Iterates(r, c, active, n_iter, _HostValues(flags))
 
 
 def _row_sums(kernel_t, c):
@@ -320,12 +405,6 @@ def _transposed(kernel_t, out=None):
     if out is None:
         return kernel_t.transpose(1, 2).contiguous()
     return out.copy_(kernel_t.transpose(1, 2))
-
-
-def _original_scale(f, a):
-    """``exp(f)`` on rows with mass, 0 on padded ones (whose potentials may be anything): the original code's
-    r is this times ours."""
-    return torch.where(a > 0, f, -math.inf).exp()
 
 
 def _group_mean_below(step, group_rows, tol):
