@@ -234,6 +234,24 @@ def _pyplot():
     return plt
 
 
+def _panel_grid(plt, n_panels: int):
+    """A figure with one 4 x 3.2 inch panel per item, at most 4 per row: the figure and its first n axes (the
+    others are hidden)."""
+    columns = min(4, n_panels)
+    rows = math.ceil(n_panels / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis in list(axes.flat)[n_panels:]:
+        axis.axis("off")
+    return figure, list(axes.flat)[:n_panels]
+
+
+def _save(plt, figure, path: str) -> bool:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def plot_few_shot(results: list[dict], path: str) -> bool:
     """Accuracy vs. shots, one panel per dataset (and the average), one line per method."""
     plt = _pyplot()
@@ -242,14 +260,13 @@ def plot_few_shot(results: list[dict], path: str) -> bool:
     groups = _group(results, "dataset", method_label, "shots")
     datasets = _ordered(d for d, _, _ in groups)
     methods = sorted({m for _, m, _ in groups})
+    shot_counts = sorted({k for _, _, k in groups})
     panels = datasets + (["average"] if len(datasets) > 1 else [])
-    columns = min(4, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
-    for axis, panel in zip(axes.flat, panels):
+    figure, axes = _panel_grid(plt, len(panels))
+    for axis, panel in zip(axes, panels):
         for method in methods:
             points = []
-            for k in sorted({k for _, _, k in groups}):
+            for k in shot_counts:
                 if panel == "average":
                     values = [Stat.of([r["metrics"]["accuracy"] for r in groups[(d, method, k)]]).mean
                               for d in datasets if (d, method, k) in groups]
@@ -262,17 +279,14 @@ def plot_few_shot(results: list[dict], path: str) -> bool:
                 axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
                               marker="o", capsize=3, label=method)
         axis.set_xscale("log", base=2)
+        axis.set_xticks(shot_counts, [str(k) for k in shot_counts])  # 1, 2, 4, ... rather than 2^0, 2^1, ...
+        axis.minorticks_off()
         axis.set_title(panel)
         axis.set_xlabel("shots per class")
         axis.set_ylabel("top-1 accuracy (%)")
         axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    axes[0].legend(fontsize=8)
+    return _save(plt, figure, path)
 
 
 def plot_base2new(table: Table, path: str) -> bool:
@@ -283,11 +297,9 @@ def plot_base2new(table: Table, path: str) -> bool:
     panels = list(dict.fromkeys(row[0] for row in table.rows))
     methods = sorted({row[1] for row in table.rows})
     values = {(row[0], row[1]): row[2:5] for row in table.rows}
-    columns = min(4, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = _panel_grid(plt, len(panels))
     width = 0.8 / len(methods)
-    for axis, panel in zip(axes.flat, panels):
+    for axis, panel in zip(axes, panels):
         for i, method in enumerate(methods):
             stats = values.get((panel, method))
             if stats is None:
@@ -298,13 +310,8 @@ def plot_base2new(table: Table, path: str) -> bool:
         axis.set_title(panel.replace("**", ""))
         axis.set_ylabel("top-1 accuracy (%)")
         axis.grid(axis="y", alpha=0.3)
-    for axis in list(axes.flat)[len(panels):]:
-        axis.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    axes[0].legend(fontsize=8)
+    return _save(plt, figure, path)
 
 
 def _headline(result: dict) -> tuple[str, float]:
@@ -344,10 +351,7 @@ def plot_ablation(results: list[dict], option: str, path: str) -> bool:
     axis.set_ylabel("top-1 accuracy (%)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, path)
 
 
 # --------------------------------------------------------------------------------------------- ours vs paper
@@ -485,10 +489,7 @@ class Comparison:
         axis.set_title(self.table.name)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(path, dpi=120)
-        plt.close(figure)
-        return True
+        return _save(plt, figure, path)
 
 
 def _run_values(runs: list[dict], metric: str) -> list[float]:
