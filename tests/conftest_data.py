@@ -1,4 +1,5 @@
-"""Helpers for the vlprompt.data tests: tiny images and fake dataset trees at the real split paths.
+"""Helpers for the data tests (tiny images, fake dataset trees at the real split paths) and for the end-to-end
+tests (colour-patch image folders).
 
 Every fake tree holds one small encoded image written at each path a real split file lists, so the loaders
 see exactly the folder structure of the real datasets without their size.
@@ -11,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from vlprompt.data.standard import packaged
@@ -110,3 +112,21 @@ def imagenet_names() -> list[tuple[str, str]]:
 def make_class_folders(folder: Path, classes, per_class: int = 1) -> None:
     """``folder/<class>/img_<i>.jpg`` for every class."""
     write_files(os.path.join(folder, str(c), f"img_{i}.jpg") for c in classes for i in range(per_class))
+
+
+COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30), "yellow": (220, 220, 30)}
+
+
+def colour_patch_tree(root: Path, colours: dict = COLOURS, train: int = 2, test: int = 2, *, size=(36, 36),
+                      seed: int = 0) -> Path:
+    """``root/{train,test}/<colour name>/<i>.png``: noisy patches of one colour per class (std 30), a dataset
+    that a tiny CLIP learns in a few steps. Images depend only on the arguments."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("test", test)):
+        for name, colour in colours.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root

@@ -9,8 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import types
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +18,19 @@ from PIL import Image
 from safetensors import safe_open
 
 import vlprompt
+from conftest_compat import dassl_importable
+from conftest_data import COLOURS, colour_patch_tree
 from vlprompt.api import EmptyClassListError, Predictor, RunNotFoundError, UnreadableImageError
 from vlprompt.cli import main
 from vlprompt.errors import VlpromptError
 
-COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30), "yellow": (220, 220, 30)}
 CLASSES = list(COLOURS)
 ALIGN_OPTIONS = ["--set", "method.options.n_text_prompts=2", "--set", "method.options.n_visual_prompts=2",
                  "--set", "method.options.text_depth=2"]
 
 
 def make_tree(root: Path, train: int = 2, test: int = 2) -> Path:
-    """``root/{train,test}/<colour>/<i>.png``: noisy colour patches."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("test", test)):
-        for name, colour in COLOURS.items():
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (36, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return root
+    return colour_patch_tree(root, COLOURS, train, test, size=(36, 40))
 
 
 @pytest.fixture(scope="module")
@@ -240,31 +231,6 @@ def test_predict_errors_are_one_clear_line(run, tree, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ import (issue 14)
-@contextmanager
-def dassl_importable():
-    """A scheduler class living under ``dassl.optim.lr_scheduler`` while the checkpoint is pickled."""
-    names = ["dassl", "dassl.optim", "dassl.optim.lr_scheduler"]
-    saved = {name: sys.modules.get(name) for name in names}
-
-    class ConstantWarmupScheduler:
-        def __init__(self):
-            self.warmup_epoch, self.last_epoch = 1, 4
-
-    ConstantWarmupScheduler.__module__ = "dassl.optim.lr_scheduler"
-    ConstantWarmupScheduler.__qualname__ = "ConstantWarmupScheduler"
-    modules = {name: types.ModuleType(name) for name in names}
-    modules["dassl.optim.lr_scheduler"].ConstantWarmupScheduler = ConstantWarmupScheduler
-    sys.modules.update(modules)
-    try:
-        yield ConstantWarmupScheduler
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
 def save_maple_checkpoint(path: Path, method) -> Path:
     """``prompt_learner/model.pth.tar-5`` as the original MaPLe trainer writes it (names by hand)."""
     p = method.prompt_state_dict()

@@ -10,25 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from conftest_data import COLOURS, colour_patch_tree
 from vlprompt.cli import main
 
-COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30), "yellow": (220, 220, 30)}
 
 
 def make_tree(root: Path, train: int = 4, test: int = 2, colours=COLOURS) -> Path:
-    """``root/{train,test}/<class>/<i>.png``: noisy colour patches, one class per colour."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("test", test)):
-        for name, colour in colours.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return colour_patch_tree(root, colours, train, test)
 
 
 def common(tree: Path, out: Path, *extra: str) -> list[str]:

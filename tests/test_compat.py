@@ -11,12 +11,11 @@ import json
 import os
 import re
 import sys
-import types
-from contextlib import contextmanager
 
 import pytest
 import torch
 
+from conftest_compat import dassl_importable
 from conftest_methods import perturb
 from vlprompt.compat import (SOURCES, Placeholder, export_original, import_original, load_pickled,
                              read_original)
@@ -28,31 +27,6 @@ NEW_CLASSES = ["fire truck", "tabby cat"]
 
 
 # ------------------------------------------------------------------------------------ writing originals
-@contextmanager
-def dassl_importable():
-    """Make ``dassl.optim.lr_scheduler.ConstantWarmupScheduler`` importable while saving, gone afterwards."""
-    names = ["dassl", "dassl.optim", "dassl.optim.lr_scheduler"]
-    modules = {name: types.ModuleType(name) for name in names}
-
-    class ConstantWarmupScheduler:
-        def __init__(self, successor):
-            self.successor, self.warmup_epoch, self.cons_lr, self.last_epoch = successor, 1, 1e-5, 4
-
-    ConstantWarmupScheduler.__module__ = "dassl.optim.lr_scheduler"
-    ConstantWarmupScheduler.__qualname__ = "ConstantWarmupScheduler"
-    modules["dassl.optim.lr_scheduler"].ConstantWarmupScheduler = ConstantWarmupScheduler
-    saved = {name: sys.modules.get(name) for name in names}
-    sys.modules.update(modules)
-    try:
-        yield ConstantWarmupScheduler
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
-
 class Payload:
     """Unpickling this with a plain ``torch.load`` would run ``touch <path>``."""
 

@@ -7,12 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, RandomSampler
 
+from conftest_data import COLOURS, colour_patch_tree
 from vlprompt.cli import main
 from vlprompt.engine import distributed
 from vlprompt.engine.checkpoint import load_prompts
@@ -20,7 +19,6 @@ from vlprompt.engine.runs import RunFolder
 from vlprompt.engine.trainer import EpochSampler, SeededItems, make_train_loader
 from vlprompt.errors import ConfigError
 
-COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30), "yellow": (220, 220, 30)}
 
 
 class Indices(Dataset):
@@ -115,14 +113,7 @@ sys.exit(main(sys.argv[1:]))
 
 def make_tree(root: Path) -> Path:
     """4 classes x 4 training images (one unreadable) and 3 test images (one unreadable)."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 4), ("test", 3)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+    colour_patch_tree(root, COLOURS, train=4, test=3)
     (root / "train" / "red" / "0.png").write_bytes(b"broken")
     (root / "test" / "blue" / "1.png").write_bytes(b"broken")
     return root

@@ -4,10 +4,9 @@ import json
 import os
 import warnings
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from conftest_data import colour_patch_tree
 from vlprompt.engine import build_config
 from vlprompt.engine.checkpoint import load_prompts
 from vlprompt.engine.runs import RunFolder, run_dir
@@ -16,15 +15,7 @@ from vlprompt.protocols import PROTOCOLS, harmonic_mean, plan, run_experiment
 
 
 def make_tree(root, colours, train=3, test=2):
-    rng = np.random.default_rng(1)
-    for split, count in (("train", train), ("test", test)):
-        for name, colour in colours.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return colour_patch_tree(root, colours, train, test, seed=1)
 
 
 @pytest.fixture(scope="module")

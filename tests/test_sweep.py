@@ -7,11 +7,10 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from conftest_data import colour_patch_tree
 from vlprompt.cli import main
 from vlprompt.engine.runs import RunFolder, run_dir
 from vlprompt.errors import ConfigError
@@ -23,16 +22,7 @@ COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 2), ("test", 2)):
-        for name, colour in COLOURS.items():
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
+    return colour_patch_tree(tmp_path_factory.mktemp("data"), COLOURS)
 
 
 def grid(tree: Path, out: Path, **changes) -> dict:
