@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from vlprompt import __version__
-from vlprompt.errors import VlpromptError
+from vlprompt.errors import ConfigError, VlpromptError
 
 # Modules that provide ``register(subparsers)``. Listed explicitly: no import side effects register anything.
 COMMAND_MODULES = [
@@ -35,14 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:  # area not built yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(module_name).register(subparsers)
     return parser
+
+
+def parse_key_values(pairs: list[str], option: str = "--option") -> dict:
+    """``["key=value", ...]`` given to ``option`` → ``{key: value}``, each value read as YAML (``3`` → 3,
+    ``[a, b]`` → a list, ``true`` → True; text YAML cannot read stays text; an empty value is "")."""
+    import yaml
+
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
+        try:
+            values[key] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            values[key] = text
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:

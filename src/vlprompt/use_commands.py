@@ -18,6 +18,7 @@ import json
 import os
 import sys
 
+from vlprompt.cli import parse_key_values
 from vlprompt.errors import ConfigError, VlpromptError
 
 
@@ -202,18 +203,6 @@ def run_explain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- import
 
 
-def _key_values(pairs: list[str], option: str) -> dict:
-    import yaml
-
-    values = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
-        values[key] = yaml.safe_load(value) if value else ""
-    return values
-
-
 def _backbone_label(name: str, pretrained: str | None) -> str:
     """The label ``load_clip`` gives this backbone (``name``, ``name/tag`` or ``name/<file name>``)."""
     if pretrained is None:
@@ -244,7 +233,7 @@ def run_import(args: argparse.Namespace) -> int:
         from vlprompt.data.templates import template_for
 
         template = template_for(args.dataset)
-        options = _key_values(args.dataset_option, "--dataset-option")
+        options = parse_key_values(args.dataset_option, "--dataset-option")
         root = os.path.abspath(os.path.expanduser(args.data_root or config.data.root))
         config.data.dataset, config.data.root, config.data.options = args.dataset, root, options
         info = dataset_info(args.dataset)
@@ -266,7 +255,7 @@ def run_import(args: argparse.Namespace) -> int:
 
     original = read_original(args.source, args.checkpoint)
     clip = load_clip(args.backbone)  # only the shapes matter here; eval/predict load the weights
-    method = original.build(clip, classnames, template, **_key_values(args.method_option, "--method-option"))
+    method = original.build(clip, classnames, template, **parse_key_values(args.method_option, "--method-option"))
     config.method.name, config.method.options = method.name, dict(method.options)
     values = config.to_dict()
     for text in args.overrides:

@@ -7,7 +7,7 @@ import json
 import os
 
 from vlprompt.compat.mappings import SOURCES
-from vlprompt.data.commands import parse_options
+from vlprompt.cli import parse_key_values
 from vlprompt.errors import ConfigError
 
 PLACEHOLDER_CLASS = "object"  # builds the method when no classes are given (only shapes matter then)
@@ -49,7 +49,7 @@ def run_import(args: argparse.Namespace) -> int:
     from vlprompt.compat.convert import read_original
 
     classnames = _classnames(args)
-    options = parse_options(args.option)
+    options = parse_key_values(args.option)
     original = read_original(args.source, args.checkpoint)
     clip = load_clip(args.backbone)
     method = original.build(clip, classnames or [PLACEHOLDER_CLASS], **options)

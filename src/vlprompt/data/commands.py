@@ -12,7 +12,8 @@ from vlprompt.data.fewshot import items_to_json, sample_few_shot
 from vlprompt.data.prepare import DEFAULT_TIMEOUT, MissingFiles, prepare
 from vlprompt.data.registry import REGISTRY, dataset_info
 from vlprompt.data.standard import BLOBS
-from vlprompt.errors import ConfigError, VlpromptError
+from vlprompt.cli import parse_key_values
+from vlprompt.errors import VlpromptError
 
 SHOW_MISSING = 20
 
@@ -68,26 +69,13 @@ def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="data root (for custom_csv: the CSV file)")
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="dataset option, e.g. split_file=splits.json (values are read as JSON when they parse)",
+        help="dataset option, e.g. split_file=splits.json (values are read as YAML: 0.5, true, [a, b])",
     )
-
-
-def parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def _build(args: argparse.Namespace):
     info = dataset_info(args.dataset)
-    options = {"check_files": False, **parse_options(args.option)}
+    options = {"check_files": False, **parse_key_values(args.option)}
     return info, info.build(args.root, **options)
 
 

@@ -28,8 +28,6 @@ import sys
 import threading
 from typing import Any, Iterator
 
-import yaml
-
 from vlprompt.engine.config import (
     PROTOCOL_NAMES,
     build_config,
@@ -38,6 +36,7 @@ from vlprompt.engine.config import (
     preset_variants,
     to_yaml,
 )
+from vlprompt.cli import parse_key_values
 from vlprompt.errors import ConfigError
 
 log = logging.getLogger("vlprompt")
@@ -362,8 +361,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.pretrained:
         config.backbone.pretrained = None if args.pretrained.lower() == "none" else args.pretrained
     dataset = args.dataset or config.data.dataset
-    options = dict(config.data.options) if dataset == config.data.dataset and not args.option else _options(
-        args.option)
+    if dataset == config.data.dataset and not args.option:
+        options = dict(config.data.options)
+    else:
+        options = parse_key_values(args.option)
     root = os.path.expanduser(args.data_root) if args.data_root else config.data.root
     precision = args.precision or config.precision
     device = resolve_device(args.device or config.device)
@@ -422,16 +423,6 @@ def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
     for name, presets, description in rows:
         print(f"{name:{width}}  {presets:{preset_width}}  {description}")
     return 0
-
-
-def _options(pairs: list[str]) -> dict[str, Any]:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key] = yaml.safe_load(value) if value else ""
-    return options
 
 
 def _summary_line(results: dict[str, Any]) -> str:
