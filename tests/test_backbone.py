@@ -215,3 +215,46 @@ def test_openai_format_state_dict_loads_into_quickgelu_architecture(tmp_path, im
     with torch.no_grad():
         assert torch.equal(loaded.visual.proj, state["visual.proj"])
         assert not torch.equal(loaded.encode_image(images).features, source.encode_image(images).features)
+
+
+# ------------------------------------------------------------------------------------------- ResNets
+def test_resnet_local_features_are_the_attention_pool_at_every_position():
+    """CLIP's ResNets: the image feature is open_clip's, and the local features (PLOT's visual set) are the
+    attention pool's outputs at the spatial positions, recomputed here head by head."""
+    clip = load_clip("tiny-rn")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    visual, pool = clip.visual, clip.visual.attnpool
+    with torch.no_grad():
+        out = clip.encode_image(images)
+        reference = clip.model.encode_image(images)
+        x = visual.stem(images)
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+        batch, width, height, breadth = x.shape
+        seq = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        seq = torch.cat([seq.mean(1, keepdim=True), seq], 1) + pool.positional_embedding  # (B, 1 + HW, C)
+        heads, length = pool.num_heads, seq.shape[1]
+
+        def split(t):
+            return t.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, h, T, d)
+
+        weights = (split(pool.q_proj(seq)) @ split(pool.k_proj(seq)).transpose(-1, -2) / (width // heads) ** 0.5)
+        by_hand = pool.c_proj((weights.softmax(-1) @ split(pool.v_proj(seq))).transpose(1, 2).reshape(
+            batch, length, width))
+    assert clip.has_image_tokens and not clip.is_vit and clip.token_grid == (height, breadth) == (2, 2)
+    assert out.tokens.shape == (2, 4, clip.embed_dim) and torch.equal(out.patch_tokens, out.tokens)
+    assert (out.features - reference).abs().max() <= 1e-6
+    torch.testing.assert_close(out.tokens, by_hand[:, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.features, by_hand[:, 0], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="need a ViT"):
+        clip.encode_image(images, prompts=torch.zeros(2, 8))
+
+
+def test_rn50_gives_plot_its_7x7_local_features():
+    clip = load_clip("RN50-quickgelu", pretrained=None)
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = clip.encode_image(images)
+        reference = clip.model.encode_image(images)
+    assert clip.token_grid == (7, 7) and out.tokens.shape == (1, 49, 1024)
+    assert (out.features - reference).abs().max() <= 1e-5

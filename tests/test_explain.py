@@ -166,6 +166,20 @@ def test_plot_heat_maps_are_the_patch_prompt_plan(tiny_clip, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_plot_heat_maps_on_a_resnet_lie_on_its_spatial_grid(tmp_path):
+    from vlprompt.backbone import load_clip
+
+    method = trained_like(load_clip("tiny-rn"), "plot", n_text_prompts=2, text_n_ctx=4)
+    predictor, x, views, text = features(method, photo(3))
+    e = explain(predictor, photo(3), CLASSES, "cat")
+    cost = 1 - F.normalize(views.patch_tokens[0].float(), dim=-1) @ F.normalize(text.features[0].float(), dim=-1).T
+    plan = ot.sinkhorn(cost, eps=0.1, max_iter=100, stop="reference")  # (4 positions, 2 prompts)
+    assert e.grid == (2, 2) and e.heatmaps.shape == (1, 1, 2, 2, 2)
+    torch.testing.assert_close(e.heatmaps[0, 0], plan.T.reshape(2, 2, 2), rtol=0, atol=1e-6)
+    render(e, tmp_path / "plot_rn.png")
+    assert (tmp_path / "plot_rn.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("name", ["coop", "cocoop"])
 def test_other_methods_show_the_similarity_per_prompt(tiny_clip, tmp_path, name):
     method = trained_like(tiny_clip, name)

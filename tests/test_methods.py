@@ -201,3 +201,27 @@ def test_independent_mode_allows_m_different_from_n(tiny_clip, images):
     frozen_text = build_method("align", tiny_clip, CLASSES, n_text_prompts=0, n_visual_prompts=2,
                                coupling="independent", visual_depth=1)
     assert text_only(images).shape == frozen_text(images).shape == (3, len(CLASSES))
+
+
+def test_plot_runs_on_a_resnet_and_visual_prompts_do_not():
+    """PLOT's original backbone is RN50: its local features are the attention pool's spatial outputs."""
+    clip = load_clip("tiny-rn")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    plot = build_method("plot", clip, CLASSES, n_text_prompts=3)
+    labels = torch.tensor([0, 1, 2])
+    loss, logits = plot.training_loss(images, labels)
+    loss.backward()
+    assert logits.shape == (3, len(CLASSES)) and torch.isfinite(logits).all()
+    assert plot.text.ctx.grad is not None and plot.text.ctx.grad.abs().sum() > 0
+    # The logit is 100·Σ T ⊙ cos between the 4 local features and the 3 prompt features (reference Sinkhorn).
+    with torch.no_grad():
+        local = F.normalize(clip.encode_image(images).tokens.float(), dim=-1)  # (3, 4, D)
+        h = F.normalize(plot.encode_classes().features.float(), dim=-1)  # (K, 3, D)
+        cos = torch.einsum("bpd,knd->bkpn", local, h)
+        plan = ot.sinkhorn(1 - cos, eps=0.1, max_iter=100, stop="reference", group_dims=2)
+        expected = clip.logit_scale * (plan * cos).sum((-2, -1))
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-4)
+    for name in ("maple", "align", "vpt"):
+        with pytest.raises(ConfigError, match="visual prompts need a ViT"):
+            build_method(name, clip, CLASSES)

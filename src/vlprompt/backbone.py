@@ -48,6 +48,12 @@ TINY_CONFIGS: dict[str, dict] = {
         vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=3, head_width=16),
         text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3),
     ),
+    # CLIP's modified ResNet (stem, 4 stages, attention pool) at 64 px: a 2 x 2 grid of local features.
+    "tiny-rn": dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=64, layers=(1, 1, 1, 1), width=8),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3),
+    ),
     "tiny-quickgelu": dict(
         embed_dim=32,
         vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=3, head_width=16),
@@ -160,6 +166,23 @@ class PromptableCLIP(nn.Module):
     @property
     def is_vit(self) -> bool:
         return hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
+
+    @property
+    def has_image_tokens(self) -> bool:
+        """Does :meth:`encode_image` return local features? ViTs (patch tokens) and CLIP's ResNets (the attention
+        pool's outputs at every spatial position); not other towers (e.g. timm models)."""
+        return self.is_vit or hasattr(self.visual, "attnpool")
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """``(gh, gw)``: the spatial layout of the patch tokens (ViT patches; ResNet positions after stride 32)."""
+        if self.is_vit:
+            grid = self.visual.grid_size
+            return (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) else (int(grid), int(grid))
+        if hasattr(self.visual, "attnpool"):
+            side = round((self.visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
+            return side, side
+        raise ConfigError(f"{self.name}: this image encoder has no token outputs")
 
     @property
     def vision_width(self) -> int:
@@ -301,6 +324,8 @@ class PromptableCLIP(nn.Module):
         if not self.is_vit:
             if prompts is not None or deep_prompts is not None or patch_transform is not None:
                 raise ConfigError(f"{self.name}: visual prompts need a ViT image encoder")
+            if hasattr(self.visual, "attnpool"):
+                return self._encode_image_resnet(images)
             features = self.visual(images.to(self.dtype))
             return ImageOutput(features=features, tokens=None, patch_slice=slice(0, 0))
         if prompt_position not in ("after_patches", "after_cls"):
@@ -348,6 +373,17 @@ class PromptableCLIP(nn.Module):
             tokens = tokens @ visual.proj
         return ImageOutput(features=pooled, tokens=tokens, patch_slice=slice(first_patch, first_patch + n_patches))
 
+    def _encode_image_resnet(self, images: torch.Tensor) -> ImageOutput:
+        """CLIP's ResNet with the attention pool's output at every position: the pool attends from each of the
+        1 + HW positions (the mean token first) to all of them and open_clip keeps position 0 as the image
+        feature; the HW spatial outputs are the local features PLOT uses (METHOD_SPEC §2.4)."""
+        visual = self.visual
+        x = visual.stem(images.to(self.dtype))
+        for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):
+            x = layer(x)
+        outputs = _attention_pool_every_position(visual.attnpool, x)  # (B, 1 + HW, D)
+        return ImageOutput(features=outputs[:, 0], tokens=outputs[:, 1:], patch_slice=slice(0, outputs.shape[1] - 1))
+
     @staticmethod
     def _place_visual_prompts(x: torch.Tensor, rows: torch.Tensor, position: str, replace: bool) -> torch.Tensor:
         b = rows.shape[1]
@@ -381,6 +417,22 @@ class PromptableCLIP(nn.Module):
         # The backbone is frozen: keep dropout/patch-dropout off whatever the prompt modules do.
         super().train(False)
         return self
+
+
+def _attention_pool_every_position(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``AttentionPool2d`` on the feature map ``x`` ``(B, C, H, W)``, returning the output at every
+    position ``(B, 1 + H·W, D)`` instead of position 0 only (same weights, same arithmetic)."""
+    x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0) + pool.positional_embedding[:, None, :].to(x.dtype)
+    x, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=pool.num_heads,
+        q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight,
+        in_proj_weight=None, in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+        use_separate_proj_weight=True, training=False, need_weights=False,
+    )
+    return x.transpose(0, 1)
 
 
 def _is_plain_block(block: nn.Module) -> bool:

@@ -119,7 +119,8 @@ def explain(predictor, image, classnames: Sequence[str] | None = None, classname
     std = torch.tensor(clip.image_std).view(3, 1, 1)
     common = dict(method=method.name, classnames=names, classname=names[index], class_index=index, logits=logits,
                   probs=logits.softmax(-1), image=x[0].cpu(),
-                  display=(x[0].cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0), grid=_grid(clip))
+                  display=(x[0].cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0),
+                  grid=clip.token_grid if clip.has_image_tokens else (1, 1))
     if not isinstance(method, Align):
         scale = float(clip.logit_scale)
         return Explanation(kind="similarity", prompt_similarity=(logits[index] / scale).view(1, 1), **common)
@@ -133,14 +134,6 @@ def explain(predictor, image, classnames: Sequence[str] | None = None, classname
     z = F.normalize(views.features.float(), dim=-1)  # (M, D)
     h = F.normalize(side.features.float()[index], dim=-1)  # (N, D)
     return Explanation(kind="similarity", prompt_similarity=(z @ h.T).cpu(), **common)
-
-
-def _grid(clip) -> tuple[int, int]:
-    grid = getattr(clip.visual, "grid_size", None)
-    if grid is None:
-        side = clip.image_size // clip.visual.conv1.kernel_size[0]
-        return side, side
-    return (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) else (int(grid), int(grid))
 
 
 def _align_plans(method, views, text, k: int) -> dict:

@@ -126,8 +126,11 @@ class Align(PromptMethod):
         self.config.validate(self.name)
         self.options = self.config.as_dict()
         c = self.config
-        if (c.n_visual_prompts or c.matching in ("ot", "plot")) and not clip.is_vit:
-            raise ConfigError(f"{self.name}: needs a ViT backbone (visual prompts or token features)")
+        if (c.n_visual_prompts or c.coupling == "shared_generator") and not clip.is_vit:
+            raise ConfigError(f"{self.name}: visual prompts need a ViT backbone, {clip.name} is not one")
+        if c.matching in ("ot", "plot") and not clip.has_image_tokens:
+            raise ConfigError(f"{self.name}: {c.matching!r} matching needs local image features, which {clip.name} "
+                              "does not give (ViTs and CLIP's ResNets do)")
         learned_text = c.n_text_prompts > 0
         self.text = TextPrompts(
             clip, self.classnames,
