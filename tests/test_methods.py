@@ -222,6 +222,17 @@ def test_plot_runs_on_a_resnet_and_visual_prompts_do_not():
         plan = ot.sinkhorn(1 - cos, eps=0.1, max_iter=100, stop="reference", group_dims=2)
         expected = clip.logit_scale * (plan * cos).sum((-2, -1))
     torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=1e-4)
-    for name in ("maple", "align", "vpt"):
-        with pytest.raises(ConfigError, match="visual prompts need a ViT"):
-            build_method(name, clip, CLASSES)
+
+
+def test_on_a_resnet_methods_without_visual_prompts_run_and_the_others_say_why_not():
+    clip = load_clip("tiny-rn")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    needs_vit = {"align", "aple", "ivlp", "maple", "upt", "vpt", "vpt_shallow"}
+    for name in available():
+        if name in needs_vit:
+            with pytest.raises(ConfigError, match="visual prompts need a ViT"):
+                build_method(name, clip, CLASSES)
+        else:
+            with torch.no_grad():
+                assert torch.isfinite(build_method(name, clip, CLASSES)(images)).all()
+    assert needs_vit < set(available())
