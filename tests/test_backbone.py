@@ -246,7 +246,7 @@ def test_resnet_local_features_are_the_attention_pool_at_every_position():
     assert (out.features - reference).abs().max() <= 1e-6
     torch.testing.assert_close(out.tokens, by_hand[:, 1:], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.features, by_hand[:, 0], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="need a ViT"):
+    with pytest.raises(ConfigError, match="need open_clip.s own ViT image tower"):
         clip.encode_image(images, prompts=torch.zeros(2, 8))
 
 

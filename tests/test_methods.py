@@ -230,7 +230,7 @@ def test_on_a_resnet_methods_without_visual_prompts_run_and_the_others_say_why_n
     needs_vit = {"align", "aple", "ivlp", "maple", "upt", "vpt", "vpt_shallow"}
     for name in available():
         if name in needs_vit:
-            with pytest.raises(ConfigError, match="visual prompts need a ViT"):
+            with pytest.raises(ConfigError, match="visual prompts need open_clip.s own ViT"):
                 build_method(name, clip, CLASSES)
         else:
             with torch.no_grad():

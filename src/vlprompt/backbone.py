@@ -167,6 +167,13 @@ class PromptableCLIP(nn.Module):
     def is_vit(self) -> bool:
         return hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
 
+    def visual_prompts_unsupported(self) -> ConfigError:
+        """The error for visual prompts on an image tower that cannot take them."""
+        return ConfigError(
+            f"{self.name}: visual prompts need open_clip's own ViT image tower (e.g. ViT-B-16, ViT-L-14); this "
+            f"model's is {type(self.visual).__name__} (timm towers such as EVA or SigLIP, and ResNets, are not "
+            "supported for visual prompts)")
+
     @property
     def has_image_tokens(self) -> bool:
         """Does :meth:`encode_image` return local features? ViTs (patch tokens) and CLIP's ResNets (the attention
@@ -187,7 +194,7 @@ class PromptableCLIP(nn.Module):
     @property
     def vision_width(self) -> int:
         if not self.is_vit:
-            raise ConfigError(f"{self.name}: visual prompts need a ViT image encoder")
+            raise self.visual_prompts_unsupported()
         return self.visual.conv1.out_channels
 
     @property
@@ -323,7 +330,7 @@ class PromptableCLIP(nn.Module):
         """
         if not self.is_vit:
             if prompts is not None or deep_prompts is not None or patch_transform is not None:
-                raise ConfigError(f"{self.name}: visual prompts need a ViT image encoder")
+                raise self.visual_prompts_unsupported()
             if hasattr(self.visual, "attnpool"):
                 return self._encode_image_resnet(images)
             features = self.visual(images.to(self.dtype))

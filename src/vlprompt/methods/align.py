@@ -127,7 +127,7 @@ class Align(PromptMethod):
         self.options = self.config.as_dict()
         c = self.config
         if (c.n_visual_prompts or c.coupling == "shared_generator") and not clip.is_vit:
-            raise ConfigError(f"{self.name}: visual prompts need a ViT backbone, {clip.name} is not one")
+            raise ConfigError(f"{self.name}: {clip.visual_prompts_unsupported()}")
         if c.matching in ("ot", "plot") and not clip.has_image_tokens:
             raise ConfigError(f"{self.name}: {c.matching!r} matching needs local image features, which {clip.name} "
                               "does not give (ViTs and CLIP's ResNets do)")
