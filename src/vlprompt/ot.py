@@ -144,9 +144,11 @@ def sinkhorn(
     dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
 
     with _autocast_off(cost.device), torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        given = any(x is not None for x in (a, b, row_mask, col_mask))
         a = _marginal(a, row_mask, (*batch_shape, n_rows), dtype, cost.device)
         b = _marginal(b, col_mask, (*batch_shape, n_cols), dtype, cost.device)
-        _check_masses(a, b)
+        if given:  # uniform marginals over all rows and columns are valid by construction
+            _check_masses(a, b)
         flat_a, flat_b = a.reshape(-1, n_rows), b.reshape(-1, n_cols)
         if n_rows == 1 or n_cols == 1:
             # One row or one column: the constraints alone fix the plan, the other marginal.
