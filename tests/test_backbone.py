@@ -246,7 +246,7 @@ def test_resnet_local_features_are_the_attention_pool_at_every_position():
     assert (out.features - reference).abs().max() <= 1e-6
     torch.testing.assert_close(out.tokens, by_hand[:, 1:], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.features, by_hand[:, 0], rtol=0, atol=1e-5)
-    with pytest.raises(ConfigError, match="need open_clip.s own ViT image tower"):
+    with pytest.raises(ConfigError, match="visual prompts need a ViT image tower"):
         clip.encode_image(images, prompts=torch.zeros(2, 8))
 
 
@@ -258,3 +258,88 @@ def test_rn50_gives_plot_its_7x7_local_features():
         reference = clip.model.encode_image(images)
     assert clip.token_grid == (7, 7) and out.tokens.shape == (1, 49, 1024)
     assert (out.features - reference).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- timm towers
+@pytest.mark.parametrize("position", ["after_patches", "after_cls"])
+@pytest.mark.parametrize("tower", ["eva02", "vit_map"])
+def test_timm_towers_equal_open_clip_and_take_prompts_like_our_vit(timm_clips, tower, position):
+    """EVA / SigLIP-style towers: without prompts open_clip's encode_image; prompts go after the patches or after
+    the prefix tokens, pass norm_pre, and deep prompts replace exactly those rows before the requested block."""
+    clip = timm_clips[tower]
+    trunk, width = clip.timm_trunk, clip.vision_width
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    generator = torch.Generator().manual_seed(7)
+    prompts, deep = torch.randn(3, width, generator=generator), torch.randn(3, width, generator=generator)
+    seen, ropes = {}, []
+
+    def record(index, args, kwargs):
+        seen[index] = args[0].clone()
+        ropes.append(kwargs.get("rope"))
+
+    hooks = [block.register_forward_pre_hook(lambda _, args, kwargs, i=i: record(i, args, kwargs), with_kwargs=True)
+             for i, block in enumerate(trunk.blocks)]
+    try:
+        with torch.no_grad():
+            plain = clip.encode_image(images)
+            reference = clip.model.encode_image(images)
+            plain_seen = dict(seen)
+            prompted = clip.encode_image(images, prompts=prompts, deep_prompts={2: deep}, prompt_position=position)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n_tokens = plain_seen[0].shape[1]  # prefix tokens + patches
+    start = n_tokens if position == "after_patches" else trunk.num_prefix_tokens
+    rows, others = slice(start, start + 3), [i for i in range(n_tokens + 3) if not start <= i < start + 3]
+    grid = clip.token_grid
+    assert clip.is_vit and clip.vision_layers == len(trunk.blocks)
+    assert (plain.features - reference).abs().max() <= 1e-6
+    assert plain.tokens.shape == (2, grid[0] * grid[1], clip.embed_dim)
+    assert n_tokens == trunk.num_prefix_tokens + grid[0] * grid[1]
+    assert seen[0].shape[1] == n_tokens + 3
+    torch.testing.assert_close(seen[0][:, rows], trunk.norm_pre(prompts).expand(2, -1, -1))
+    torch.testing.assert_close(seen[0][:, others], plain_seen[0])
+    assert torch.equal(seen[2][:, rows], deep.expand(2, -1, -1))
+    assert prompted.tokens.shape == (2, grid[0] * grid[1] + 3, clip.embed_dim)
+    assert prompted.patch_tokens.shape == plain.tokens.shape
+    assert not torch.allclose(prompted.features, plain.features)
+    if tower == "eva02":  # rotary rows follow the tokens after the prefix: identity on the prompts, patches' own
+        plain_rope, rope = ropes[0], ropes[-1]
+        prompt_rows = slice(start - trunk.num_prefix_tokens, start - trunk.num_prefix_tokens + 3)
+        sin, cos = rope[prompt_rows].chunk(2, dim=-1)
+        assert torch.equal(sin, torch.zeros_like(sin)) and torch.equal(cos, torch.ones_like(cos))
+        kept = [i for i in range(rope.shape[0]) if not prompt_rows.start <= i < prompt_rows.stop]
+        assert torch.equal(rope[kept], plain_rope)
+    else:
+        assert all(rope is None for rope in ropes)
+
+
+def test_timm_prompt_tokens_get_the_identity_rotation():
+    """Under EVA-02's rotary embeddings the appended prompt rows are left unrotated, the others as before."""
+    from timm.layers import apply_rot_embed_cat
+
+    from vlprompt.backbone import _with_identity_rotations
+
+    generator = torch.Generator().manual_seed(8)
+    angles = torch.rand(5, 4, generator=generator) * 6
+    rope = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (5 tokens, [sin | cos])
+    q = torch.randn(2, 3, 5 + 2, 4, generator=generator)  # (B, heads, tokens, head dim)
+    rotated = apply_rot_embed_cat(q, _with_identity_rotations(rope, 2))
+    torch.testing.assert_close(rotated[:, :, :5], apply_rot_embed_cat(q[:, :, :5], rope))
+    assert torch.equal(rotated[:, :, 5:], q[:, :, 5:])
+    rotated = apply_rot_embed_cat(q, _with_identity_rotations(rope, 2, at_start=True))
+    assert torch.equal(rotated[:, :, :2], q[:, :, :2])
+    torch.testing.assert_close(rotated[:, :, 2:], apply_rot_embed_cat(q[:, :, 2:], rope))
+
+
+def test_timm_patch_transform_and_gradients(timm_clips):
+    clip = timm_clips["eva02"]
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    grids = []
+    out = clip.encode_image(images, patch_transform=lambda grid: grids.append(grid.shape) or grid)
+    assert grids == [torch.Size([1, *clip.token_grid, clip.vision_width])]
+    torch.testing.assert_close(out.features, clip.encode_image(images).features)
+    prompts = torch.zeros(2, clip.vision_width, requires_grad=True)
+    clip.encode_image(images, prompts=prompts).features.sum().backward()
+    assert prompts.grad is not None and prompts.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip.parameters())

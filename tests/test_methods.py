@@ -230,9 +230,27 @@ def test_on_a_resnet_methods_without_visual_prompts_run_and_the_others_say_why_n
     needs_vit = {"align", "aple", "ivlp", "maple", "upt", "vpt", "vpt_shallow"}
     for name in available():
         if name in needs_vit:
-            with pytest.raises(ConfigError, match="visual prompts need open_clip.s own ViT"):
+            with pytest.raises(ConfigError, match="visual prompts need a ViT image tower"):
                 build_method(name, clip, CLASSES)
         else:
             with torch.no_grad():
                 assert torch.isfinite(build_method(name, clip, CLASSES)(images)).all()
     assert needs_vit < set(available())
+
+
+@pytest.mark.parametrize("tower", ["eva02", "vit_map"])
+def test_every_method_trains_on_timm_vit_towers(timm_clips, tower):
+    """EVA-02 (rotary embeddings) and SigLIP-style (MAP pooling) towers take every method, visual prompts too."""
+    clip = timm_clips[tower]
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 3])
+    for name in available():
+        torch.manual_seed(0)
+        method = build_method(name, clip, CLASSES)
+        loss, logits = method.training_loss(images, labels)
+        assert logits.shape == (2, len(CLASSES)) and torch.isfinite(loss), name
+        params = [p for _, p in method.trainable_parameters()]
+        if params:
+            loss.backward()
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), name
+            assert all(p.grad is None for p in clip.parameters()), name

@@ -10,8 +10,10 @@ class token, ``ln_pre``, blocks, ``ln_post``, ``proj``) so that prompt methods c
   (original VPT/UPT), and replace them before chosen blocks,
 * read back the global features *and* every token projected into the joint embedding space.
 
-Without prompts both forwards equal open_clip's ``encode_text`` / ``encode_image`` (tested). Widths, depths,
-context length and image size are always read from the wrapped model.
+Image towers walked: open_clip's own ViT (above), timm's ViT family inside open_clip's ``TimmModel`` (SigLIP,
+EVA-02 with rotary embeddings; :meth:`PromptableCLIP._encode_image_timm`) and CLIP's ResNets (no prompts; the
+attention pool's output at every position). Without prompts the forwards equal open_clip's ``encode_text`` /
+``encode_image`` (tested). Widths, depths, context length and image size are always read from the wrapped model.
 
 Prompt conventions (METHOD_SPEC §0): text deep prompts for block ``i >= 1`` replace rows ``[start, start + b)``
 of the sequence *before* block ``i``; visual deep prompts replace the rows that hold the visual prompts. "Depth J"
@@ -164,42 +166,58 @@ class PromptableCLIP(nn.Module):
         return self.text.positional_embedding.shape[0]
 
     @property
+    def timm_trunk(self) -> nn.Module | None:
+        """The trunk of a timm ViT-family image tower (EVA, SigLIP, timm ViTs, wrapped by open_clip's
+        ``TimmModel``), or None: the modules :meth:`encode_image` walks for those towers."""
+        trunk = getattr(self.visual, "trunk", None)
+        walked = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "num_prefix_tokens")
+        return trunk if trunk is not None and all(hasattr(trunk, name) for name in walked) else None
+
+    @property
     def is_vit(self) -> bool:
-        return hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
+        """Is the image tower a ViT that takes visual prompts: open_clip's own or a timm ViT-family trunk?"""
+        own = hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
+        return own or self.timm_trunk is not None
 
     def visual_prompts_unsupported(self) -> ConfigError:
         """The error for visual prompts on an image tower that cannot take them."""
         return ConfigError(
-            f"{self.name}: visual prompts need open_clip's own ViT image tower (e.g. ViT-B-16, ViT-L-14); this "
-            f"model's is {type(self.visual).__name__} (timm towers such as EVA or SigLIP, and ResNets, are not "
-            "supported for visual prompts)")
+            f"{self.name}: visual prompts need a ViT image tower (open_clip's own, or a timm ViT/EVA/SigLIP trunk); "
+            f"this model's is {type(self.visual).__name__}"
+            + (f" over {type(self.visual.trunk).__name__}" if hasattr(self.visual, "trunk") else ""))
 
     @property
     def has_image_tokens(self) -> bool:
         """Does :meth:`encode_image` return local features? ViTs (patch tokens) and CLIP's ResNets (the attention
-        pool's outputs at every spatial position); not other towers (e.g. timm models)."""
+        pool's outputs at every spatial position); not other towers (e.g. ConvNeXt)."""
         return self.is_vit or hasattr(self.visual, "attnpool")
 
     @property
     def token_grid(self) -> tuple[int, int]:
         """``(gh, gw)``: the spatial layout of the patch tokens (ViT patches; ResNet positions after stride 32)."""
-        if self.is_vit:
+        if self.timm_trunk is not None:
+            grid = self.timm_trunk.patch_embed.grid_size
+        elif self.is_vit:
             grid = self.visual.grid_size
-            return (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) else (int(grid), int(grid))
-        if hasattr(self.visual, "attnpool"):
-            side = round((self.visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
-            return side, side
-        raise ConfigError(f"{self.name}: this image encoder has no token outputs")
+        elif hasattr(self.visual, "attnpool"):
+            grid = round((self.visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
+        else:
+            raise ConfigError(f"{self.name}: this image encoder has no token outputs")
+        return (int(grid[0]), int(grid[1])) if isinstance(grid, (tuple, list)) else (int(grid), int(grid))
 
     @property
     def vision_width(self) -> int:
         if not self.is_vit:
             raise self.visual_prompts_unsupported()
-        return self.visual.conv1.out_channels
+        trunk = self.timm_trunk
+        return trunk.embed_dim if trunk is not None else self.visual.conv1.out_channels
 
     @property
     def vision_layers(self) -> int:
-        return len(self.visual.transformer.resblocks) if self.is_vit else 0
+        if not self.is_vit:
+            return 0
+        trunk = self.timm_trunk
+        return len(trunk.blocks) if trunk is not None else len(self.visual.transformer.resblocks)
 
     @property
     def image_size(self) -> int:
@@ -337,6 +355,8 @@ class PromptableCLIP(nn.Module):
             return ImageOutput(features=features, tokens=None, patch_slice=slice(0, 0))
         if prompt_position not in ("after_patches", "after_cls"):
             raise ConfigError(f"prompt_position must be 'after_patches' or 'after_cls', got {prompt_position!r}")
+        if self.timm_trunk is not None:
+            return self._encode_image_timm(images, prompts, deep_prompts, prompt_position, patch_transform)
         visual = self.visual
         if getattr(visual, "attn_pool", None) is not None:
             raise ConfigError(f"{self.name}: attention-pooled ViTs are not supported for prompting")
@@ -379,6 +399,58 @@ class PromptableCLIP(nn.Module):
             pooled = pooled @ visual.proj
             tokens = tokens @ visual.proj
         return ImageOutput(features=pooled, tokens=tokens, patch_slice=slice(first_patch, first_patch + n_patches))
+
+    def _encode_image_timm(self, images, prompts, deep_prompts, prompt_position, patch_transform) -> ImageOutput:
+        """The prompted forward of a timm ViT-family trunk, module by module as timm's own ``forward_features``
+        and ``forward_head`` (then open_clip's projection head).
+
+        Prompts sit after the patches or right after the prefix tokens (class token, registers), get no absolute
+        position, pass through ``norm_pre`` with the other tokens and, under rotary embeddings (EVA-02, laid over
+        every token after the prefix), the identity rotation. Pooling sees the image tokens only, so that without
+        prompts everything equals open_clip's ``encode_image``. Token features are the tokens after the trunk's
+        final norm, ``fc_norm`` and heads.
+        """
+        trunk, batch = self.timm_trunk, images.shape[0]
+        if getattr(trunk, "rope_mixed", False) or getattr(trunk, "dynamic_img_size", False):
+            raise ConfigError(f"{self.name}: mixed-mode rotary embeddings and dynamic image sizes are not supported")
+        x = trunk.patch_embed(images.to(self.dtype))  # (B, gh·gw, W)
+        if patch_transform is not None:
+            x = patch_transform(x.view(batch, *self.token_grid, x.shape[-1])).flatten(1, 2)
+        embedded = trunk._pos_embed(x)  # timm's ViT returns the tokens, EVA (tokens, rotary embedding or None)
+        x, rope = embedded if isinstance(embedded, tuple) else (trunk.patch_drop(embedded), None)
+        n_image_tokens, prefix = x.shape[1], trunk.num_prefix_tokens
+        start = n_image_tokens if prompt_position == "after_patches" else prefix  # where the prompt rows go
+
+        n_prompts = 0
+        if prompts is not None:
+            rows = _expand_rows(prompts, batch).to(x.dtype)
+            n_prompts = rows.shape[1]
+            x = torch.cat([x[:, :start], rows, x[:, start:]], dim=1)
+            if rope is not None:
+                rope = _with_identity_rotations(rope, n_prompts, at_start=start == prefix)
+        x = trunk.norm_pre(x)  # prompts pass through it with the other tokens, as in open_clip's ViT (ln_pre)
+        for block_index, block in enumerate(trunk.blocks):
+            prompt = _deep_prompt_at(deep_prompts, block_index) if block_index > 0 else None
+            if prompt is not None:
+                rows = _expand_rows(prompt, batch).to(x.dtype)
+                if rows.shape[1] != n_prompts:
+                    raise ValueError(f"deep visual prompts at block {block_index} have {rows.shape[1]} tokens, "
+                                     f"the layer-0 prompts {n_prompts}")
+                x = torch.cat([x[:, :start], rows, x[:, start + n_prompts:]], dim=1)
+            x = self._run_timm_block(block, x, rope)
+        x = trunk.norm(x)
+        image_tokens = torch.cat([x[:, :start], x[:, start + n_prompts:]], dim=1)
+        pooled = self.visual.head(trunk.forward_head(image_tokens))
+        tokens = self.visual.head(trunk.head(trunk.fc_norm(x[:, prefix:])))
+        first_patch = n_prompts if start == prefix else 0
+        return ImageOutput(features=pooled, tokens=tokens,
+                           patch_slice=slice(first_patch, first_patch + n_image_tokens - prefix))
+
+    def _run_timm_block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+        run = (lambda h: block(h)) if rope is None else (lambda h: block(h, rope=rope))  # noqa: E731
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(run, x, use_reentrant=False, preserve_rng_state=False)
+        return run(x)
 
     def _encode_image_resnet(self, images: torch.Tensor) -> ImageOutput:
         """CLIP's ResNet with the attention pool's output at every position: the pool attends from each of the
@@ -424,6 +496,16 @@ class PromptableCLIP(nn.Module):
         # The backbone is frozen: keep dropout/patch-dropout off whatever the prompt modules do.
         super().train(False)
         return self
+
+
+def _with_identity_rotations(rope: torch.Tensor, n_rows: int, at_start: bool = False) -> torch.Tensor:
+    """timm's concatenated ``[sin | cos]`` rotary embedding ``(..., N, 2d)`` with ``n_rows`` rows of the identity
+    rotation (sin 0, cos 1) added along the token axis, after the others (or before them with ``at_start``):
+    tokens there keep their features unrotated."""
+    sin, cos = rope.chunk(2, dim=-1)
+    shape = (*rope.shape[:-2], n_rows, sin.shape[-1])
+    identity = torch.cat([sin.new_zeros(shape), cos.new_ones(shape)], dim=-1)
+    return torch.cat([identity, rope] if at_start else [rope, identity], dim=-2)
 
 
 def _attention_pool_every_position(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
