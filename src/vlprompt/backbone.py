@@ -119,6 +119,24 @@ def _expand_rows(prompt: torch.Tensor, batch: int) -> torch.Tensor:
     return prompt.expand(batch, -1, -1)
 
 
+def _deep_rows(deep_prompts: DeepPrompts, block: int, batch: int, n_prompts: int, dtype) -> torch.Tensor | None:
+    """The ``(batch, b, W)`` deep prompt rows that replace the prompt rows before ``block``, or None."""
+    prompt = _deep_prompt_at(deep_prompts, block) if block > 0 else None
+    if prompt is None:
+        return None
+    rows = _expand_rows(prompt, batch).to(dtype)
+    if rows.shape[1] != n_prompts:
+        raise ValueError(f"deep visual prompts at block {block} have {rows.shape[1]} tokens, the layer-0 prompts "
+                         f"{n_prompts}")
+    return rows
+
+
+def _splice_rows(x: torch.Tensor, rows: torch.Tensor, start: int, n_replaced: int = 0) -> torch.Tensor:
+    """``x`` ``(B, T, W)`` with ``rows`` ``(B, b, W)`` at positions ``start .. start + b``, in place of the
+    ``n_replaced`` rows that were there."""
+    return torch.cat([x[:, :start], rows, x[:, start + n_replaced:]], dim=1)
+
+
 class PromptableCLIP(nn.Module):
     """A frozen open_clip CLIP with prompt-aware forward passes.
 
@@ -369,21 +387,18 @@ class PromptableCLIP(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
         x = visual.patch_dropout(x)
+        start = x.shape[1] if prompt_position == "after_patches" else 1  # where the prompt rows go
 
         n_prompts = 0
         if prompts is not None:
             rows = _expand_rows(prompts, batch).to(x.dtype)
             n_prompts = rows.shape[1]
-            x = self._place_visual_prompts(x, rows, prompt_position, replace=False)
+            x = _splice_rows(x, rows, start)
         x = visual.ln_pre(x)
         for block_index, block in enumerate(visual.transformer.resblocks):
-            prompt = _deep_prompt_at(deep_prompts, block_index) if block_index > 0 else None
-            if prompt is not None:
-                rows = _expand_rows(prompt, batch).to(x.dtype)
-                if rows.shape[1] != n_prompts:
-                    raise ValueError(f"deep visual prompts at block {block_index} have {rows.shape[1]} tokens, "
-                                     f"the layer-0 prompts {n_prompts}")
-                x = self._place_visual_prompts(x, rows, prompt_position, replace=True)
+            rows = _deep_rows(deep_prompts, block_index, batch, n_prompts, x.dtype)
+            if rows is not None:
+                x = _splice_rows(x, rows, start, n_replaced=n_prompts)
             x = self._run_block(visual.transformer, block, x, None)
 
         first_patch = n_prompts if prompt_position == "after_cls" else 0
@@ -425,18 +440,14 @@ class PromptableCLIP(nn.Module):
         if prompts is not None:
             rows = _expand_rows(prompts, batch).to(x.dtype)
             n_prompts = rows.shape[1]
-            x = torch.cat([x[:, :start], rows, x[:, start:]], dim=1)
+            x = _splice_rows(x, rows, start)
             if rope is not None:
                 rope = _with_identity_rotations(rope, n_prompts, at_start=start == prefix)
         x = trunk.norm_pre(x)  # prompts pass through it with the other tokens, as in open_clip's ViT (ln_pre)
         for block_index, block in enumerate(trunk.blocks):
-            prompt = _deep_prompt_at(deep_prompts, block_index) if block_index > 0 else None
-            if prompt is not None:
-                rows = _expand_rows(prompt, batch).to(x.dtype)
-                if rows.shape[1] != n_prompts:
-                    raise ValueError(f"deep visual prompts at block {block_index} have {rows.shape[1]} tokens, "
-                                     f"the layer-0 prompts {n_prompts}")
-                x = torch.cat([x[:, :start], rows, x[:, start + n_prompts:]], dim=1)
+            rows = _deep_rows(deep_prompts, block_index, batch, n_prompts, x.dtype)
+            if rows is not None:
+                x = _splice_rows(x, rows, start, n_replaced=n_prompts)
             x = self._run_timm_block(block, x, rope)
         x = trunk.norm(x)
         image_tokens = torch.cat([x[:, :start], x[:, start + n_prompts:]], dim=1)
@@ -462,15 +473,6 @@ class PromptableCLIP(nn.Module):
             x = layer(x)
         outputs = _attention_pool_every_position(visual.attnpool, x)  # (B, 1 + HW, D)
         return ImageOutput(features=outputs[:, 0], tokens=outputs[:, 1:], patch_slice=slice(0, outputs.shape[1] - 1))
-
-    @staticmethod
-    def _place_visual_prompts(x: torch.Tensor, rows: torch.Tensor, position: str, replace: bool) -> torch.Tensor:
-        b = rows.shape[1]
-        if position == "after_patches":
-            kept = x[:, :-b] if replace else x
-            return torch.cat([kept, rows], dim=1)
-        rest = x[:, 1 + b:] if replace else x[:, 1:]
-        return torch.cat([x[:, :1], rows, rest], dim=1)
 
     # ----------------------------------------------------------------- shared
     def _run_block(self, transformer: nn.Module, block: nn.Module, x: torch.Tensor, mask) -> torch.Tensor:
