@@ -343,3 +343,18 @@ def test_timm_patch_transform_and_gradients(timm_clips):
     clip.encode_image(images, prompts=prompts).features.sum().backward()
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_a_missing_tokenizer_package_is_a_clear_error(monkeypatch):
+    import open_clip
+
+    real = open_clip.get_tokenizer
+
+    def needs_transformers(name):  # as open_clip behaves without transformers installed
+        if "SigLIP" in name:
+            raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+        return real(name)
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", needs_transformers)
+    with pytest.raises(ConfigError, match="pip install transformers"):
+        load_clip("ViT-B-16-SigLIP", pretrained=None)

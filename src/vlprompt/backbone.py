@@ -607,7 +607,11 @@ def load_clip(
         if model_name not in open_clip.list_models():
             raise ConfigError(f"unknown backbone {model_name!r}; choose an open_clip model "
                               f"(open_clip.list_models()), one of {sorted(TINY_CONFIGS)} or 'toy'")
-        tokenizer = open_clip.get_tokenizer(model_name)
+        try:
+            tokenizer = open_clip.get_tokenizer(model_name)
+        except ModuleNotFoundError as error:  # Hugging Face tokenizers (SigLIP, XLM-R, ...) need transformers
+            raise ConfigError(f"{model_name}: its tokenizer needs the '{error.name}' package: pip install "
+                              f"{error.name}") from error
         is_tag = pretrained is not None and not _looks_like_path(pretrained)
         model = open_clip.create_model(
             model_name, pretrained=str(pretrained) if is_tag else None, cache_dir=cache_dir, load_weights=True
