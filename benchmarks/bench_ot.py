@@ -95,12 +95,17 @@ def pair_similarities(image, text, mask):
              for k in range(text.shape[0])] for j in range(image.shape[0])]
 
 
+def original_call(cost):
+    """One call of the original code's Sinkhorn on costs ``(n, P, Q)`` with uniform marginals: plans ``(n, P, Q)``."""
+    u = torch.full(cost.shape[:2], 1.0 / cost.shape[1], device=cost.device)
+    v = torch.full((cost.shape[0], cost.shape[2]), 1.0 / cost.shape[2], device=cost.device)
+    with torch.no_grad():
+        return original_sinkhorn(torch.exp(-cost / EPS), u, v)
+
+
 def original_pair(sim):
     """The original code's Sinkhorn for one (j, k) pair: plans ``(M·N, P, L_k)``."""
-    u = torch.full(sim.shape[:2], 1.0 / P, device=sim.device)
-    v = torch.full((sim.shape[0], sim.shape[2]), 1.0 / sim.shape[2], device=sim.device)
-    with torch.no_grad():
-        return original_sinkhorn(torch.exp(-(1.0 - sim) / EPS), u, v)
+    return original_call(1.0 - sim)
 
 
 def original_loop(image, text, mask):
@@ -147,11 +152,7 @@ def prompt_level_costs(image, text):
 
 def original_prompt_level(cost):
     """The original code's prompt-level OT: one plain-kernel Sinkhorn call on all B·K problems."""
-    flat = cost.view(-1, M, N)
-    u = torch.full((flat.shape[0], M), 1.0 / M, device=cost.device)
-    v = torch.full((flat.shape[0], N), 1.0 / N, device=cost.device)
-    with torch.no_grad():
-        return original_sinkhorn(torch.exp(-flat / EPS), u, v)
+    return original_call(cost.view(-1, M, N))
 
 
 def timed(fn, repeats, device, warmup=True):
