@@ -158,6 +158,7 @@ class PromptableCLIP(nn.Module):
         if getattr(self.text, "cls_emb", None) is not None:
             raise ConfigError(f"{name}: text towers with a CLS embedding are not supported for prompting")
         self.visual = model.visual
+        self.image_tower = _image_tower_kind(self.visual)
         self.grad_checkpointing = False
         # Causal text masks make every position independent of later ones: truncating after the last EOT is exact.
         self.truncate_text = self.text.attn_mask is not None
@@ -187,15 +188,12 @@ class PromptableCLIP(nn.Module):
     def timm_trunk(self) -> nn.Module | None:
         """The trunk of a timm ViT-family image tower (EVA, SigLIP, timm ViTs, wrapped by open_clip's
         ``TimmModel``), or None: the modules :meth:`encode_image` walks for those towers."""
-        trunk = getattr(self.visual, "trunk", None)
-        walked = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "num_prefix_tokens")
-        return trunk if trunk is not None and all(hasattr(trunk, name) for name in walked) else None
+        return self.visual.trunk if self.image_tower == "timm_vit" else None
 
     @property
     def is_vit(self) -> bool:
         """Is the image tower a ViT that takes visual prompts: open_clip's own or a timm ViT-family trunk?"""
-        own = hasattr(self.visual, "conv1") and hasattr(self.visual, "class_embedding")
-        return own or self.timm_trunk is not None
+        return self.image_tower in ("vit", "timm_vit")
 
     def visual_prompts_unsupported(self) -> ConfigError:
         """The error for visual prompts on an image tower that cannot take them."""
@@ -208,16 +206,16 @@ class PromptableCLIP(nn.Module):
     def has_image_tokens(self) -> bool:
         """Does :meth:`encode_image` return local features? ViTs (patch tokens) and CLIP's ResNets (the attention
         pool's outputs at every spatial position); not other towers (e.g. ConvNeXt)."""
-        return self.is_vit or hasattr(self.visual, "attnpool")
+        return self.image_tower != "other"
 
     @property
     def token_grid(self) -> tuple[int, int]:
         """``(gh, gw)``: the spatial layout of the patch tokens (ViT patches; ResNet positions after stride 32)."""
-        if self.timm_trunk is not None:
+        if self.image_tower == "timm_vit":
             grid = self.timm_trunk.patch_embed.grid_size
-        elif self.is_vit:
+        elif self.image_tower == "vit":
             grid = self.visual.grid_size
-        elif hasattr(self.visual, "attnpool"):
+        elif self.image_tower == "resnet":
             grid = round((self.visual.attnpool.positional_embedding.shape[0] - 1) ** 0.5)
         else:
             raise ConfigError(f"{self.name}: this image encoder has no token outputs")
@@ -227,15 +225,13 @@ class PromptableCLIP(nn.Module):
     def vision_width(self) -> int:
         if not self.is_vit:
             raise self.visual_prompts_unsupported()
-        trunk = self.timm_trunk
-        return trunk.embed_dim if trunk is not None else self.visual.conv1.out_channels
+        return self.timm_trunk.embed_dim if self.image_tower == "timm_vit" else self.visual.conv1.out_channels
 
     @property
     def vision_layers(self) -> int:
         if not self.is_vit:
             return 0
-        trunk = self.timm_trunk
-        return len(trunk.blocks) if trunk is not None else len(self.visual.transformer.resblocks)
+        return len(self.timm_trunk.blocks if self.image_tower == "timm_vit" else self.visual.transformer.resblocks)
 
     @property
     def image_size(self) -> int:
@@ -367,13 +363,13 @@ class PromptableCLIP(nn.Module):
         if not self.is_vit:
             if prompts is not None or deep_prompts is not None or patch_transform is not None:
                 raise self.visual_prompts_unsupported()
-            if hasattr(self.visual, "attnpool"):
+            if self.image_tower == "resnet":
                 return self._encode_image_resnet(images)
             features = self.visual(images.to(self.dtype))
             return ImageOutput(features=features, tokens=None, patch_slice=slice(0, 0))
         if prompt_position not in ("after_patches", "after_cls"):
             raise ConfigError(f"prompt_position must be 'after_patches' or 'after_cls', got {prompt_position!r}")
-        if self.timm_trunk is not None:
+        if self.image_tower == "timm_vit":
             return self._encode_image_timm(images, prompts, deep_prompts, prompt_position, patch_transform)
         visual = self.visual
         if getattr(visual, "attn_pool", None) is not None:
@@ -498,6 +494,19 @@ class PromptableCLIP(nn.Module):
         # The backbone is frozen: keep dropout/patch-dropout off whatever the prompt modules do.
         super().train(False)
         return self
+
+
+def _image_tower_kind(visual: nn.Module) -> str:
+    """Which forward :meth:`PromptableCLIP.encode_image` runs: ``"vit"`` (open_clip's VisionTransformer),
+    ``"timm_vit"`` (a timm ViT-family trunk inside open_clip's TimmModel: the modules walked are all there),
+    ``"resnet"`` (CLIP's ModifiedResNet, with its attention pool) or ``"other"`` (run as a whole, no tokens)."""
+    if hasattr(visual, "conv1") and hasattr(visual, "class_embedding"):
+        return "vit"
+    trunk = getattr(visual, "trunk", None)
+    walked = ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm", "forward_head", "num_prefix_tokens")
+    if trunk is not None and all(hasattr(trunk, name) for name in walked):
+        return "timm_vit"
+    return "resnet" if hasattr(visual, "attnpool") else "other"
 
 
 def _with_identity_rotations(rope: torch.Tensor, n_rows: int, at_start: bool = False) -> torch.Tensor:
