@@ -265,13 +265,20 @@ def test_rn50_gives_plot_its_7x7_local_features():
 @pytest.mark.parametrize("tower", ["eva02", "vit_map"])
 def test_timm_towers_equal_open_clip_and_take_prompts_like_our_vit(timm_clips, tower, position):
     """EVA / SigLIP-style towers: without prompts open_clip's encode_image; prompts go after the patches or after
-    the prefix tokens, pass norm_pre, and deep prompts replace exactly those rows before the requested block."""
+    the prefix tokens, pass norm_pre, deep prompts replace exactly those rows before the requested block, and
+    pooling sees the image tokens only."""
     clip = timm_clips[tower]
     trunk, width = clip.timm_trunk, clip.vision_width
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(6))
     generator = torch.Generator().manual_seed(7)
     prompts, deep = torch.randn(3, width, generator=generator), torch.randn(3, width, generator=generator)
-    seen, ropes = {}, []
+    # Both towers' norm_pre is the identity: a LayerNorm with random affine makes "prompts pass norm_pre" testable.
+    norm_pre = torch.nn.LayerNorm(width)
+    with torch.no_grad():
+        norm_pre.weight.copy_(torch.rand(width, generator=generator) + 0.5)
+        norm_pre.bias.copy_(torch.randn(width, generator=generator))
+    identity, trunk.norm_pre = trunk.norm_pre, norm_pre.requires_grad_(False)
+    seen, ropes, finals = {}, [], []
 
     def record(index, args, kwargs):
         seen[index] = args[0].clone()
@@ -279,30 +286,36 @@ def test_timm_towers_equal_open_clip_and_take_prompts_like_our_vit(timm_clips, t
 
     hooks = [block.register_forward_pre_hook(lambda _, args, kwargs, i=i: record(i, args, kwargs), with_kwargs=True)
              for i, block in enumerate(trunk.blocks)]
+    hooks.append(trunk.norm.register_forward_hook(lambda _, args, output: finals.append(output)))
     try:
         with torch.no_grad():
             plain = clip.encode_image(images)
             reference = clip.model.encode_image(images)
             plain_seen = dict(seen)
             prompted = clip.encode_image(images, prompts=prompts, deep_prompts={2: deep}, prompt_position=position)
+            n_tokens = plain_seen[0].shape[1]  # prefix tokens + patches
+            start = n_tokens if position == "after_patches" else trunk.num_prefix_tokens
+            rows, others = slice(start, start + 3), [i for i in range(n_tokens + 3) if not start <= i < start + 3]
+            # The pooled feature is that of the final image tokens with the prompt rows taken out.
+            pooled = clip.visual.head(trunk.forward_head(finals[-1][:, others]))
+            prompts_after_norm_pre = trunk.norm_pre(prompts)
     finally:
         for hook in hooks:
             hook.remove()
-    n_tokens = plain_seen[0].shape[1]  # prefix tokens + patches
-    start = n_tokens if position == "after_patches" else trunk.num_prefix_tokens
-    rows, others = slice(start, start + 3), [i for i in range(n_tokens + 3) if not start <= i < start + 3]
+        trunk.norm_pre = identity  # the fixture is shared by other tests
     grid = clip.token_grid
     assert clip.is_vit and clip.vision_layers == len(trunk.blocks)
     assert (plain.features - reference).abs().max() <= 1e-6
     assert plain.tokens.shape == (2, grid[0] * grid[1], clip.embed_dim)
     assert n_tokens == trunk.num_prefix_tokens + grid[0] * grid[1]
     assert seen[0].shape[1] == n_tokens + 3
-    torch.testing.assert_close(seen[0][:, rows], trunk.norm_pre(prompts).expand(2, -1, -1))
+    torch.testing.assert_close(seen[0][:, rows], prompts_after_norm_pre.expand(2, -1, -1))
     torch.testing.assert_close(seen[0][:, others], plain_seen[0])
     assert torch.equal(seen[2][:, rows], deep.expand(2, -1, -1))
     assert prompted.tokens.shape == (2, grid[0] * grid[1] + 3, clip.embed_dim)
     assert prompted.patch_tokens.shape == plain.tokens.shape
     assert not torch.allclose(prompted.features, plain.features)
+    torch.testing.assert_close(prompted.features, pooled)
     if tower == "eva02":  # rotary rows follow the tokens after the prefix: identity on the prompts, patches' own
         plain_rope, rope = ropes[0], ropes[-1]
         prompt_rows = slice(start - trunk.num_prefix_tokens, start - trunk.num_prefix_tokens + 3)
