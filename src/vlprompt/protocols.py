@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -106,6 +107,7 @@ def run_experiment(config: RunConfig, *, overwrite: bool = False) -> dict[str, A
 def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict[str, Any]:
     from vlprompt.backbone import describe, load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform, sample_few_shot, subsample_classes
+    from vlprompt.data.fewshot import FewShotWarning, short_classes, shortfall_message
     from vlprompt.methods import build_method
 
     started = time.perf_counter()
@@ -119,8 +121,13 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
     test_transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
 
     # Seeds Python/NumPy/torch with the run seed, then draws the k-shot subset (Dassl's order of calls).
-    splits = sample_few_shot(build_dataset(config.data.dataset, config.data.root, **config.data.options),
-                             config.data.shots, config.seed, cache_dir=config.data.cache_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewShotWarning)  # logged below, so that the run's log has it too
+        splits = sample_few_shot(build_dataset(config.data.dataset, config.data.root, **config.data.options),
+                                 config.data.shots, config.seed, cache_dir=config.data.cache_dir)
+    short = short_classes(splits, config.data.shots)  # recorded in results.json
+    if short:
+        log.warning(shortfall_message(splits, config.data.shots, short))
     train_splits = subsample_classes(splits, protocol.train_classes)
     method = build_method(config.method.name, clip, train_splits.classnames, train_splits.template,
                           **config.method.options).to(device)
@@ -128,6 +135,19 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
              "%s on %s, %s", config.method.name, config.preset, config.data.dataset, protocol.train_classes,
              len(train_splits.train), train_splits.num_classes, config.data.shots, config.seed, clip.name, device,
              config.precision)
+
+    # Methods on frozen image features: encoded once (or read back from the run folder), before training or
+    # loading, since their learned state may be shaped by them (a cache model's keys).
+    features = None
+    if method.feature_needs is not None:
+        from vlprompt.engine.features import prepare_features
+
+        features = prepare_features(method.feature_needs, clip, train_splits.train, train_splits.val,
+                                    train_transform=train_transform, test_transform=test_transform, seed=config.seed,
+                                    folder=folder.path, batch_size=config.eval.batch_size, device=device,
+                                    precision=config.precision, num_workers=config.data.num_workers,
+                                    write=world.main)
+        method.prepare_features(features)
 
     # Rank 0 reads the run folder; the other ranks receive what it found.
     earlier = distributed.on_main(_trained_earlier, config, folder)
@@ -137,7 +157,8 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
         training = metadata.get("training", {})
         log.info("training finished earlier; loaded %s", folder.prompts_file)
     else:
-        summary = fit(method, ImageDataset(train_splits.train, train_transform), optim=config.optim,
+        train_set = features.train_dataset() if features else ImageDataset(train_splits.train, train_transform)
+        summary = fit(method, train_set, optim=config.optim,
                       batch_size=config.data.batch_size, seed=config.seed, precision=config.precision,
                       device=device, num_workers=config.data.num_workers, checkpoint_path=folder.checkpoint_file,
                       on_epoch=folder.append_metrics if world.main else None, progress=config.progress)
@@ -150,6 +171,11 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
             "train_images": len(train_splits.train),
             "seconds": round(summary.seconds, 3),
         }
+        if features is not None:  # a fit on the cached features (closed form, search on val) ends the training
+            fit_started = time.perf_counter()
+            training["feature_fit"] = method.fit_features(features)
+            training["seconds"] = round(training["seconds"] + time.perf_counter() - fit_started, 3)
+            training["features"] = features.record
         metadata = {"method": config.method.name, "options": method.options, "backbone": clip.name,
                     "classnames": list(train_splits.classnames), "template": train_splits.template,
                     "stages": [s.name for s in method.stages()], "training": training,
@@ -162,6 +188,12 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
     eval_seconds = 0.0
     for label, dataset_name, class_set, target in eval_sets:
         method.set_classnames(target.classnames, target.template)
+        reason = method.unavailable_reason(target.classnames)
+        if reason is not None:  # e.g. a linear probe on unseen classes: no number rather than an invented one
+            evaluations[label] = {"dataset": dataset_name, "class_set": class_set, "accuracy": None,
+                                  "not_available": reason}
+            log.info("%s (%s, %s classes): not available (%s)", label, dataset_name, class_set, reason)
+            continue
         result = evaluate(method, ImageDataset(target.test, test_transform), batch_size=config.eval.batch_size,
                           precision=config.precision, device=device, num_workers=config.data.num_workers,
                           progress=config.progress, desc=f"eval {label}")  # split over the ranks
@@ -177,9 +209,12 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
         "preset": config.preset,
         "tag": config.tag,
         "shots": config.data.shots,
+        "short_classes": short,  # classes with fewer training images than shots: {name: images used}
         "seed": config.seed,
         "train_classes": protocol.train_classes,
         "metrics": _metrics(config.protocol, evaluations),
+        # why a metric is None: {evaluation label: reason}
+        "not_available": {k: e["not_available"] for k, e in evaluations.items() if "not_available" in e},
         "evaluations": evaluations,
         "training": training,
         "method_options": method.options,
@@ -196,7 +231,7 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
         folder.write_results(results)
         if os.path.isfile(folder.checkpoint_file):
             os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
-    log.info("results: %s", ", ".join(f"{k} {v:.2f}" for k, v in results["metrics"].items()))
+    log.info("results: %s", ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in results["metrics"].items()))
     return distributed.broadcast_object(results)  # also waits for rank 0's writes
 
 
@@ -253,17 +288,18 @@ def _evaluation_sets(config: RunConfig, protocol: Protocol, splits, subsample_cl
     return sets
 
 
-def _metrics(protocol: str, evaluations: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers of a run (what the report tables show)."""
+def _metrics(protocol: str, evaluations: dict[str, Any]) -> dict[str, float | None]:
+    """The headline numbers of a run (what the report tables show); None where an evaluation was not available
+    (and so for H or an average that would need it)."""
     if protocol == "few_shot":
         return {"accuracy": evaluations["test"]["accuracy"]}
     if protocol == "base2new":
         base, new = evaluations["base"]["accuracy"], evaluations["new"]["accuracy"]
-        return {"base": base, "new": new, "hm": harmonic_mean(base, new)}
+        return {"base": base, "new": new, "hm": None if None in (base, new) else harmonic_mean(base, new)}
     metrics = {label: e["accuracy"] for label, e in evaluations.items()}
     targets = [v for k, v in metrics.items() if k != "source"]
     if targets:
-        metrics["average"] = sum(targets) / len(targets)
+        metrics["average"] = None if None in targets else sum(targets) / len(targets)
     return metrics
 
 

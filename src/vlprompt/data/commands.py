@@ -8,21 +8,25 @@ import os
 import sys
 
 from vlprompt.data.base import missing_files
-from vlprompt.data.fewshot import items_to_json, sample_few_shot
 from vlprompt.data.prepare import DEFAULT_TIMEOUT, MissingFiles, prepare
 from vlprompt.data.registry import REGISTRY, dataset_info
 from vlprompt.data.standard import BLOBS
-from vlprompt.cli import parse_key_values
+from vlprompt.cli import add_alias, parse_key_values
 from vlprompt.errors import VlpromptError
 
 SHOW_MISSING = 20
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    listing = subparsers.add_parser("datasets", help="list dataset names with their expected image counts")
+    listing = subparsers.add_parser("datasets", help="list dataset names with their expected image counts",
+                                    description="List every registered dataset: the 15 standard ones with their "
+                                    "train/val/test image and class counts and the folder expected under the data "
+                                    "root, then the custom and toy-world datasets.")
     listing.set_defaults(func=run_datasets)
 
-    data = subparsers.add_parser("data", help="verify a dataset folder or inspect a few-shot subset")
+    data = subparsers.add_parser("data", help="check, prepare and sample dataset folders",
+                                 description="Dataset folders: status of all standard datasets under a data root, "
+                                 "verify one, prepare one from its official archives, write a few-shot subset.")
     data.set_defaults(func=lambda args: data.print_help() or 1)
     commands = data.add_subparsers(dest="data_command", metavar="<data command>")
 
@@ -34,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = commands.add_parser(
         "status", help="one table of the 15 standard datasets under a root: present / missing / incomplete")
-    status.add_argument("--root", required=True, help="the data root")
+    status.add_argument("--data-root", required=True, help="folder holding the datasets")
+    add_alias(status, "--root", "--data-root")
     status.set_defaults(func=run_status)
     sample = commands.add_parser("sample", help="write the few-shot subset of a seed as JSON (path, label, classname)")
     _dataset_arguments(sample)
@@ -52,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Re-running on a prepared root does nothing; an interrupted run is simply re-run.",
     )
     prep.add_argument("--dataset", required=True, help="registry name (see `vlprompt datasets`)")
-    prep.add_argument("--root", required=True, help="data root")
+    prep.add_argument("--data-root", required=True, help="folder holding the datasets (the dataset is prepared in "
+                      "its folder under it)")
+    add_alias(prep, "--root", "--data-root")
     prep.add_argument("--from", dest="sources", action="append", default=[], metavar="PATH",
                       help="an official archive or file, the folder it extracts to, a folder holding the "
                       "downloads, or a user-supplied split file (repeatable)")
@@ -66,7 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, help="registry name (see `vlprompt datasets`)")
-    parser.add_argument("--root", required=True, help="data root (for custom_csv: the CSV file)")
+    parser.add_argument("--data-root", required=True, help="folder holding the datasets (custom_folder: the "
+                        "dataset folder; custom_csv: the CSV file)")
+    add_alias(parser, "--root", "--data-root")
     parser.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="dataset option, e.g. split_file=splits.json (values are read as YAML: 0.5, true, [a, b])",
@@ -76,7 +85,7 @@ def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
 def _build(args: argparse.Namespace):
     info = dataset_info(args.dataset)
     options = {"check_files": False, **parse_key_values(args.option)}
-    return info, info.build(args.root, **options)
+    return info, info.build(args.data_root, **options)
 
 
 def run_datasets(args: argparse.Namespace) -> int:
@@ -150,18 +159,21 @@ def run_status(args: argparse.Namespace) -> int:
     for info in REGISTRY.values():
         if info.counts is None:  # custom and toy datasets have no expected counts
             continue
-        state, detail = dataset_status(info, args.root)
+        state, detail = dataset_status(info, args.data_root)
         states.append(state)
         print(f"{info.name:16} {state:11} {detail}")
     print(f"{states.count('present')} present, {states.count('incomplete')} incomplete, "
-          f"{states.count('missing')} missing (vlprompt data prepare --dataset NAME --root {args.root})")
+          f"{states.count('missing')} missing (vlprompt data prepare --dataset NAME --data-root {args.data_root})")
     return 0
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from vlprompt.data.fewshot import items_to_json, sample_few_shot, short_classes  # imports torch
+
     info, splits = _build(args)
     subset = sample_few_shot(splits, args.shots, args.seed, cache_dir=args.cache_dir)
-    result = {"dataset": info.name, "shots": args.shots, "seed": args.seed, "train": items_to_json(subset.train)}
+    result = {"dataset": info.name, "shots": args.shots, "seed": args.seed,
+              "short_classes": short_classes(subset, args.shots), "train": items_to_json(subset.train)}
     if splits.sample_val:
         result["val"] = items_to_json(subset.val)
     text = json.dumps(result, indent=1)
@@ -177,13 +189,13 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     try:
-        result = prepare(args.dataset, args.root, args.sources, download=args.download, timeout=args.timeout,
+        result = prepare(args.dataset, args.data_root, args.sources, download=args.download, timeout=args.timeout,
                          log=print)
     except MissingFiles as missing:
         if args.sources or args.download:
             raise
-        print(f"{args.dataset} is not prepared under {os.path.abspath(os.path.expanduser(args.root))}.")
+        print(f"{args.dataset} is not prepared under {os.path.abspath(os.path.expanduser(args.data_root))}.")
         print(missing.instructions)
         return 1
     print(f"{result.dataset}: {result.action} in {result.folder}")
-    return run_verify(argparse.Namespace(dataset=args.dataset, root=args.root, option=[]))
+    return run_verify(argparse.Namespace(dataset=args.dataset, data_root=args.data_root, option=[]))

@@ -4,7 +4,10 @@ Same seed, same split -> the same images as the original code: the run seed goes
 and torch (Dassl's ``set_random_seed``), the train list is grouped by label in order of first appearance and
 ``random.sample(items, k)`` draws each class (all items when a class has fewer than k), then the val list is
 drawn the same way with ``min(k, 4)`` (not for the ImageNet family). ``random.sample`` depends only on the
-group sizes, so drawing indices consumes the random state exactly as drawing the items does.
+group sizes, so drawing indices consumes the random state exactly as drawing the items does. A class with
+fewer than k training images keeps all it has, as in Dassl, but never in silence: :func:`sample_few_shot`
+warns (:class:`FewShotWarning`) naming those classes and their counts, and :func:`short_classes` gives them
+for the run's record.
 
 Subsets are cached as JSON under ``<cache>/fewshot/<dataset>/`` (``<cache>`` = ``$VLPROMPT_CACHE`` or
 ``~/.cache/vlprompt``), never in the data folder. The file name holds a hash of the split content, k, the seed
@@ -36,6 +39,10 @@ CACHE_FORMAT = "vlprompt-fewshot/1"
 MAX_VAL_SHOTS = 4
 
 
+class FewShotWarning(UserWarning):
+    """Some classes have fewer training images than the requested shots; they train on all they have."""
+
+
 def seed_everything(seed: int) -> None:
     """Dassl's ``set_random_seed``: Python ``random``, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -52,6 +59,33 @@ def fewshot_indices(labels: Sequence[int], shots: int) -> list[int]:
     for group in groups.values():
         chosen.extend(random.sample(group, shots) if len(group) >= shots else group)
     return chosen
+
+
+def short_classes(splits: DatasetSplits, shots: int) -> dict[str, int]:
+    """``{class name: training images}`` of the classes of ``splits`` with fewer than ``shots`` training images.
+
+    On a k-shot subset these are the counts actually used. Empty when ``shots`` < 1 (everything is kept) or
+    there is no training list (test-only datasets). Two labels sharing a name are listed as ``name (label L)``.
+    """
+    if shots < 1 or not splits.train:
+        return {}
+    counts = [0] * splits.num_classes
+    for item in splits.train:
+        counts[item.label] += 1
+    shared = {name for name in splits.classnames if splits.classnames.count(name) > 1}
+    return {
+        (f"{name} (label {label})" if name in shared else name): count
+        for label, (name, count) in enumerate(zip(splits.classnames, counts))
+        if count < shots
+    }
+
+
+def shortfall_message(splits: DatasetSplits, shots: int, short: dict[str, int], show: int = 10) -> str:
+    """One line: how many classes train on fewer than ``shots`` images, and the first ``show`` counts."""
+    listed = ", ".join(f"{name} {count}" for name, count in list(short.items())[:show])
+    more = f", ... ({len(short) - show} more)" if len(short) > show else ""
+    return (f"{splits.name}: {len(short)} of {splits.num_classes} classes have fewer than {shots} training "
+            f"images and train on all they have ({listed}{more})")
 
 
 def default_cache_dir() -> str:
@@ -88,6 +122,7 @@ def sample_few_shot(
     < 1 keeps every item. ``cache_dir`` overrides the default cache folder; ``use_cache=False`` neither reads
     nor writes it. After a cache hit the Python ``random`` state is the freshly seeded one (the draw is not
     replayed), as with Dassl's cached pickles; the NumPy and torch states are the same either way.
+    Classes with fewer than ``shots`` training images keep them all and are named in a :class:`FewShotWarning`.
     """
     if isinstance(shots, bool) or not isinstance(shots, int):
         raise ConfigError(f"shots must be an integer, got {shots!r}")
@@ -102,11 +137,15 @@ def sample_few_shot(
             chosen["val"] = fewshot_indices([d.label for d in splits.val], min(shots, MAX_VAL_SHOTS))
         if path:
             _write_cache(path, splits, shots, seed, chosen)
-    return dataclasses.replace(
+    subset = dataclasses.replace(
         splits,
         train=[splits.train[i] for i in chosen["train"]],
         val=[splits.val[i] for i in chosen["val"]] if "val" in chosen else splits.val,
     )
+    short = short_classes(subset, shots)
+    if short:
+        warnings.warn(shortfall_message(subset, shots, short), FewShotWarning, stacklevel=2)
+    return subset
 
 
 def _read_cache(path: str, splits: DatasetSplits, shots: int, seed: int) -> dict[str, list[int]] | None:
