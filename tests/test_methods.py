@@ -227,7 +227,7 @@ def test_plot_runs_on_a_resnet_and_visual_prompts_do_not():
 def test_on_a_resnet_methods_without_visual_prompts_run_and_the_others_say_why_not():
     clip = load_clip("tiny-rn")
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    needs_vit = {"align", "aple", "ivlp", "maple", "upt", "vpt", "vpt_shallow"}
+    needs_vit = {"align", "aple", "ivlp", "maple", "promptsrc", "upt", "vpt", "vpt_shallow"}
     for name in available():
         if name in needs_vit:
             with pytest.raises(ConfigError, match="visual prompts need a ViT image tower"):

@@ -7,14 +7,21 @@ warmup + cosine schedule (:mod:`vlprompt.engine.optim`). After every epoch a che
 given the same checkpoint path, an interrupted call resumes after the last completed epoch and ends with the
 same parameters as an uninterrupted one (the random states, including the sampler's, are restored).
 
-Mixed precision: ``fp32``; ``bf16`` autocast; ``fp16`` autocast with a gradient scaler. A step whose loss or
-gradients are not finite is skipped (no parameter update), counted and logged — never a crash and never a
-silently corrupted model.
+Mixed precision: ``fp32``; ``bf16`` autocast; ``fp16`` autocast with a gradient scaler. Non-finite values never
+reach a result in silence. Under fp16 the loss scaler owns them: a step whose loss or gradients overflow is
+skipped (no parameter update), counted and logged, and the scale lowered — unless it happens
+``FP16_SKIPS_IN_A_ROW`` times in a row. Anywhere else a non-finite loss or gradient, and under any precision
+non-finite parameters after a step, stop the run with :class:`~vlprompt.errors.NonFiniteTrainingError`; the
+checkpoint of the last finished epoch (finite by construction) is kept, and a checkpoint whose prompts are
+not finite is refused on resume.
 
-Data order and augmentation depend only on the seed: each epoch's order is the seeded ``RandomSampler`` order,
-and each image's random augmentation is drawn under a torch seed derived from (seed, stage, epoch, image) — so
-the images a step sees and how they are augmented are the same with any number of data-loader workers or of
-processes. Under ``torchrun`` (:mod:`vlprompt.engine.distributed`) each process takes its share of every
+Data order and augmentation depend only on the seed: each epoch's order is the seeded ``RandomSampler`` order
+(drawn once per epoch, by the training loop alone: nothing else iterates the loader), and each image's random
+augmentation is drawn under torch, Python and NumPy seeds derived from (seed, stage, epoch, image) — so the
+images a step sees and how they are augmented are the same with any number of data-loader workers or of
+processes. The workers are started once per :func:`fit` and kept across epochs; they draw their own seeds from
+a private generator, never from the global random state the method may use. One progress bar covers the
+whole of a :func:`fit` call (every stage and epoch), so its time estimate is the run's. Under ``torchrun`` (:mod:`vlprompt.engine.distributed`) each process takes its share of every
 global batch of ``batch_size`` images and the gradients are averaged so that every step equals the
 single-process step; only rank 0 writes the checkpoint.
 """
@@ -26,6 +33,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,18 +42,21 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates what it is given once more on its own
 
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine import distributed
 from vlprompt.engine.config import OptimConfig
 from vlprompt.engine.optim import EpochSchedule, build_optimizer
-from vlprompt.errors import CheckpointError, ConfigError
+from vlprompt.errors import CheckpointError, ConfigError, NonFiniteTrainingError
 
 log = logging.getLogger("vlprompt")
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 LOGGED_SKIPS = 5  # non-finite steps logged one by one per run; the rest only counted
+# GradScaler starts at a scale of 2**16 and halves it at each overflow: this many overflows in a row take it
+# below 2**-16, where the gradients of a healthy model no longer overflow fp16 — the run itself has diverged.
+FP16_SKIPS_IN_A_ROW = 32
 
 
 @dataclass
@@ -149,8 +160,9 @@ def augmentation_seeds(seed: int, epoch_key: tuple[int, int], size: int) -> list
 
 
 class SeededItems(Dataset):
-    """``dataset[index]`` drawn under torch's random state ``seed`` for the key ``(index, seed)`` (the random
-    transforms of torchvision draw from it); the caller's random state is left as it was."""
+    """``dataset[index]`` drawn under torch's, Python's and NumPy's random states seeded with ``seed`` for the
+    key ``(index, seed)`` (torchvision's random transforms draw from torch; a user's transform may draw from
+    the others); the caller's random states are left as they were."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -160,15 +172,27 @@ class SeededItems(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, generator: torch.Generator, num_workers: int = 0,
                       device: torch.device | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """This rank's batches (``batch_size / world_size`` images) of an :class:`EpochSampler` order drawn from
-    ``generator``; ``drop_last`` only when the set fills at least one global batch (Dassl)."""
+    ``generator``; ``drop_last`` only when the set fills at least one global batch (Dassl).
+
+    The workers persist across epochs, and their base seed comes from a private generator rather than from
+    torch's global state (which a loader draws from on every ``iter`` unless given one): how many workers
+    there are, or how often they start, then changes no random number the training draws.
+    """
     from vlprompt.data import collate_skip_corrupt
 
     if batch_size % world_size:
@@ -181,16 +205,16 @@ def make_train_loader(dataset: Dataset, batch_size: int, generator: torch.Genera
         sampler=sampler,
         drop_last=sampler.drop_last,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(generator.initial_seed()),
         collate_fn=collate_skip_corrupt,
         pin_memory=device is not None and device.type == "cuda",
     )
 
 
-def _grads_finite(parameters: list[torch.nn.Parameter]) -> bool:
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def _all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def fit(
@@ -247,6 +271,7 @@ def fit(
         summary.resumed_from = {"stage": resume["stage"], "epoch": resume["epoch"]}
         log.info("resuming from %s: stage %s, %d epoch(s) done", checkpoint_path,
                  stages[resume["stage"]].name, resume["epoch"])
+    earlier = resume["history"] if resume is not None else []  # the epoch records of the checkpoint
     distributed.broadcast_parameters(p for _, p in method.prompt_parameters())  # one starting point everywhere
 
     for stage_index, stage in enumerate(stages):
@@ -284,6 +309,7 @@ def fit(
             loader.sampler.set_epoch(stage_index, epoch)
             record = _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters,
                                   world.size, desc=f"{stage.name} {epoch + 1}/{last_epoch}", progress=progress)
+            method.on_epoch_end(epoch, last_epoch)  # before the checkpoint, which must hold what the hook keeps
             seconds = time.perf_counter() - started
             counters["train_seconds"] += seconds
             record = {"stage": stage.name, "epoch": epoch, "lr": lr, **record, "seconds": round(seconds, 3)}
@@ -298,6 +324,7 @@ def fit(
                     "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                     "rng": ckpt.capture_rng(sampler_generator),
                     "counters": dict(counters),
+                    "history": [*earlier, *summary.history, record],  # metrics.jsonl is rebuilt from it on resume
                 })
             summary.history.append(record)
             summary.epochs_trained += 1

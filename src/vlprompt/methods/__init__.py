@@ -1,8 +1,9 @@
 """Prompt-learning methods: a small registry of factory functions over one general model.
 
 ``build_method(name, clip, classnames, template, **overrides)`` returns a :class:`~vlprompt.methods.base.PromptMethod`.
-All methods but CoCoOp are presets of :class:`~vlprompt.methods.align.Align` (ALIGN, the general case); the
-overrides are :class:`~vlprompt.methods.align.AlignConfig` fields (or CoCoOp's options).
+The prompt methods but CoCoOp are presets or subclasses (APLe, KgCoOp, PromptSRC) of
+:class:`~vlprompt.methods.align.Align` (ALIGN, the general case); the overrides are
+:class:`~vlprompt.methods.align.AlignConfig` fields (or a method's own options).
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ from vlprompt.methods import coop, ivlp, maple, plot, upt, vpt, zeroshot
 from vlprompt.methods.align import Align, AlignConfig
 from vlprompt.methods.base import PromptMethod, Stage
 from vlprompt.methods.cocoop import CoCoOp
+from vlprompt.methods.clip_adapter import ClipAdapter
+from vlprompt.methods.linear_probe import LinearProbe
+from vlprompt.methods.tip_adapter import build_tip_adapter, build_tip_adapter_f
+from vlprompt.methods.kgcoop import build_kgcoop
+from vlprompt.methods.promptsrc import build_promptsrc
 from vlprompt.methods.presets import build_from_preset
 
 # name -> (preset of AlignConfig values, one-line description); CoCoOp and APLe have their own classes.
@@ -51,6 +57,21 @@ DESCRIPTIONS = {name: description for name, (_, description) in ALIGN_PRESETS.it
 DESCRIPTIONS["cocoop"] = "CoCoOp: CoOp context plus an image-conditioned meta-net bias"
 FACTORIES["aple"] = _aple_factory
 DESCRIPTIONS["aple"] = "APLe: two-stage text then visual prompts with an FFT/Gaussian image adapter"
+FACTORIES["kgcoop"] = build_kgcoop
+DESCRIPTIONS["kgcoop"] = "KgCoOp: CoOp kept near the hand-written prompt's class embeddings (weighted distance)"
+FACTORIES["promptsrc"] = build_promptsrc
+DESCRIPTIONS["promptsrc"] = ("PromptSRC: IVLP regulated towards frozen CLIP (L1 features, KL), prompts averaged "
+                             "over epochs")
+
+# Methods on frozen image features (cached once per run: vlprompt.engine.features).
+FACTORIES["linear_probe"] = LinearProbe
+DESCRIPTIONS["linear_probe"] = "Linear probe (CoOp's): logistic regression on frozen image features, C searched on val"
+FACTORIES["clip_adapter"] = ClipAdapter
+DESCRIPTIONS["clip_adapter"] = "CLIP-Adapter: residual bottleneck MLP on the frozen image feature"
+FACTORIES["tip_adapter"] = build_tip_adapter
+DESCRIPTIONS["tip_adapter"] = "Tip-Adapter: training-free cache model of the few-shot features, alpha/beta searched"
+FACTORIES["tip_adapter_f"] = build_tip_adapter_f
+DESCRIPTIONS["tip_adapter_f"] = "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned"
 
 
 def available() -> list[str]:

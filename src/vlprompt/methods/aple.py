@@ -28,6 +28,7 @@ from vlprompt.errors import ConfigError
 from vlprompt.methods.align import Align, AlignConfig
 from vlprompt.methods.base import Stage
 from vlprompt.methods.presets import preset_config
+from vlprompt.methods.teacher import ZeroShotTeacher
 
 PROMPT_PRESET = dict(n_text_prompts=1, text_n_ctx=2, text_ctx_init="a photo of a", text_depth=9,
                      n_visual_prompts=1, visual_n_ctx=2, visual_depth=9, coupling="independent",
@@ -113,7 +114,7 @@ class Aple(Align):
         dims = (1, 2) if options.adapter_on == "patch_tokens" else (-2, -1)
         self.adapter = GaussianLowPassAdapter(options.adapter_sigma, options.adapter_alpha,
                                               options.adapter_learnable_alpha, dims)
-        self._zero_shot_cache: tuple | None = None
+        self.teacher = ZeroShotTeacher(clip)
 
     def stages(self) -> list[Stage]:
         vision = ("visual.", "adapter.") + (("text.",) if self.aple.stage2_train_text else ())
@@ -135,18 +136,10 @@ class Aple(Align):
     # ------------------------------------------------------------------ zero-shot guidance
     def zero_shot_text(self) -> torch.Tensor:
         """Normalised frozen CLIP features ``(K, D)`` of the dataset template; cached per class set."""
-        key = (tuple(self.classnames), self.template)
-        if self._zero_shot_cache is None or self._zero_shot_cache[0] != key:
-            prompts = [self.template.format(name.replace("_", " ")) for name in self.classnames]
-            with torch.no_grad():
-                features = self.clip.encode_text(self.clip.tokenize(prompts)).features
-            self._zero_shot_cache = (key, F.normalize(features.float(), dim=-1))
-        return self._zero_shot_cache[1]
+        return self.teacher.text_features(self.classnames, [self.template])
 
     def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            image = F.normalize(self.clip.encode_image(images).features.float(), dim=-1)
-            return self.clip.logit_scale.float() * image @ self.zero_shot_text().T
+        return self.teacher.logits(self.teacher.image_features(images), self.zero_shot_text())
 
     def training_loss(self, images, labels):
         logits = self(images)

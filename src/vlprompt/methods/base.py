@@ -35,6 +35,16 @@ class Stage:
     losses: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class FeatureNeeds:
+    """What a method that trains on frozen image features asks the engine for (:mod:`vlprompt.engine.features`):
+    ``views`` passes over the training images, with the training augmentation when ``augment`` (else one pass
+    with the test transform), and the validation images once."""
+
+    views: int = 1
+    augment: bool = False
+
+
 class PromptMethod(nn.Module):
     """Base class of all methods. Subclasses set ``name`` and implement ``encode_classes`` and ``forward``."""
 
@@ -69,6 +79,11 @@ class PromptMethod(nn.Module):
         """``(loss, logits)`` of one training batch. Default: cross-entropy of :meth:`forward`."""
         logits = self(images)
         return F.cross_entropy(logits.float(), labels), logits
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer after epoch ``epoch`` (0-based) of the ``epochs`` the current stage trains, before
+        the checkpoint is written. Default: nothing (PromptSRC aggregates its prompts over epochs here; what a
+        method keeps between calls must be in :meth:`prompt_state_dict` so that a resumed run is identical)."""
 
     # ------------------------------------------------------------------ parameters and stages
     def stages(self) -> list[Stage]:
@@ -112,6 +127,26 @@ class PromptMethod(nn.Module):
         with torch.no_grad():
             for name, parameter in own.items():
                 parameter.copy_(state[name].to(parameter.dtype))
+
+    # ------------------------------------------------------------------ methods on frozen image features
+    # A method that sets ``feature_needs`` gets cached features: the engine calls ``prepare_features`` before it
+    # trains or loads a trained state, gives ``training_loss`` batches of cached features ``(B, D)`` instead of
+    # images, and calls ``fit_features`` after training (not when the trained state is loaded from a run folder).
+    feature_needs: FeatureNeeds | None = None
+
+    def prepare_features(self, features) -> None:
+        """Set up what depends on the training features (e.g. a cache model's keys); ``features`` is a
+        :class:`~vlprompt.engine.features.CachedFeatures`."""
+
+    def fit_features(self, features) -> dict[str, Any]:
+        """Fit what is chosen on the features after training (a closed-form fit, a search on the validation
+        features); return a JSON-able record of what was chosen."""
+        return {}
+
+    def unavailable_reason(self, classnames: list[str]) -> str | None:
+        """Why this method cannot classify ``classnames`` (e.g. a linear probe and unseen classes); None if it can.
+        The protocols then report that evaluation as not available instead of a number."""
+        return None
 
     def train(self, mode: bool = True) -> "PromptMethod":
         super().train(mode)
