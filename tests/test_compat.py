@@ -112,7 +112,7 @@ CASES = {
     "align": ("align", "align", dict(n_text_prompts=2, n_visual_prompts=2, text_depth=2)),
     "ivlp": ("ivlp", "ivlp", dict(text_depth=3, visual_depth=2, visual_n_ctx=3)),
     "ivlp_text_only": ("ivlp", "ivlp_text", dict(text_depth=2)),
-    "promptsrc": ("promptsrc", "ivlp", dict(text_n_ctx=4, visual_n_ctx=4, text_depth=2, visual_depth=3)),
+    "promptsrc": ("promptsrc", "promptsrc", dict(text_n_ctx=4, visual_n_ctx=4, text_depth=2, visual_depth=3)),
     "vpt": ("vpt", "vpt", dict(visual_n_ctx=4, visual_depth=2)),
 }
 

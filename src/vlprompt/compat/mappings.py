@@ -232,14 +232,14 @@ def _visual_options(tensors, source: str) -> dict:
     return dict(visual_n_ctx=visual.shape[1], visual_depth=1 + _count(tensors, "visual.deep"))
 
 
-def _independent(source: str):
+def _independent(source: str, method: str):
     def infer(tensors):
         ctx = _require(tensors, "text.ctx", source, "prompt_learner.ctx", (3,), "(n_ctx, W)")
         options = dict(text_n_ctx=ctx.shape[1], text_depth=1 + _count(tensors, "text.deep"),
                        text_ctx_init=_word_init(ctx.shape[1]))
         if "visual.prompts" not in tensors and _count(tensors, "visual.deep") == 0:
             return "ivlp_text", options  # PROMPT_DEPTH_VISION 0: deep language prompting only
-        return "ivlp", {**options, **_visual_options(tensors, source)}
+        return method, {**options, **_visual_options(tensors, source)}
 
     return infer
 
@@ -287,9 +287,9 @@ LAYOUTS: dict[str, Layout] = {
     "maple": Layout("maple", "MaPLe", f"{_MPL} trainers/maple.py", _coupled_rules(True), _coupled("maple", "maple")),
     "align": Layout("align", "MMP", "wds2014/ALIGN trainers/mmp.py", _coupled_rules(False),
                     _coupled("align", "align")),
-    "ivlp": Layout("ivlp", "IVLP", f"{_MPL} trainers/independentVL.py", _INDEPENDENT_RULES, _independent("ivlp")),
+    "ivlp": Layout("ivlp", "IVLP", f"{_MPL} trainers/independentVL.py", _INDEPENDENT_RULES, _independent("ivlp", "ivlp")),
     "promptsrc": Layout("promptsrc", "PromptSRC", "muzairkhattak/PromptSRC trainers/promptsrc.py",
-                        _INDEPENDENT_RULES, _independent("promptsrc")),
+                        _INDEPENDENT_RULES, _independent("promptsrc", "promptsrc")),
     "vpt": Layout("vpt", "VPT", f"{_MPL} trainers/vpt.py", _VISUAL_RULES, _infer_vpt),
 }
 SOURCES = tuple(LAYOUTS)
