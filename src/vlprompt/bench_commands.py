@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlprompt.cli import add_alias, add_threads_option, apply_threads, defer_options
 from vlprompt.errors import ConfigError
 
 USAGE_NOTE = ("Every figure is measured side by side with the plain way (full-length text, class side recomputed per "
@@ -15,7 +16,7 @@ USAGE_NOTE = ("Every figure is measured side by side with the plain way (full-le
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="benchmark training and evaluation speed and memory of the methods",
                                    description=USAGE_NOTE)
-    add_arguments(parser)
+    defer_options(parser, add_arguments)  # the section names come from vlprompt.bench, which imports torch
     parser.set_defaults(func=run_bench)
 
 
@@ -25,14 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few-minute subset (fewer methods, K and repeats)")
     parser.add_argument("--model", default="ViT-B-16", help="backbone architecture, random weights (default ViT-B-16)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add_threads_option(parser)
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds for cheap configurations; K = 1000 and batch 100 run once (default 3)")
     parser.add_argument("--only", default=",".join(SECTIONS),
                         help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     parser.add_argument("--methods", help="comma-separated methods for the training and evaluation sections "
                         "(default coop,maple,align)")
-    parser.add_argument("--classes", help="comma-separated class counts K (default 10,100,1000)")
+    parser.add_argument("--num-classes", dest="classes", help="comma-separated class counts K (default 10,100,1000)")
+    add_alias(parser, "--classes", "--num-classes")
     parser.add_argument("--json", dest="json_path", help="also write the raw results to this JSON file")
     parser.add_argument("--markdown", dest="markdown_path", help="also write the tables to this Markdown file")
 
@@ -50,7 +52,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         classes = tuple(int(k) for k in _split(args.classes)) or None
     except ValueError:
-        raise ConfigError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+        raise ConfigError(f"--num-classes must be comma-separated integers, got {args.classes!r}") from None
     settings = BenchSettings(model=args.model, device=args.device, threads=args.threads, quick=args.quick,
                              repeats=args.repeats, sections=_split(args.only),
                              methods=_split(args.methods) or None,
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     args.command = "bench"
+    args.threads = apply_threads(args.threads)
     try:
         return run_bench(args)
     except ConfigError as error:

@@ -1,14 +1,18 @@
 """The ``vlprompt`` command line.
 
 Each area of the library contributes its sub-commands through a ``register(subparsers)`` function, listed in
-``COMMAND_MODULES``; this file only assembles them and turns :class:`~vlprompt.errors.VlpromptError` into one
-clear line on stderr (exit status 2) instead of a traceback.
+``COMMAND_MODULES``; this file assembles them, applies the options every heavy command shares (``--threads``) and
+turns :class:`~vlprompt.errors.VlpromptError` into one clear line on stderr (exit status 2) instead of a traceback.
+
+Building the parser imports every command module but never torch: ``vlprompt --version`` and ``--help`` answer in
+a fraction of a second. Options whose description needs a heavy import are added with :func:`defer_options`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from vlprompt import __version__
@@ -26,14 +30,109 @@ COMMAND_MODULES = [
     "vlprompt.demo",
 ]
 
+# CPU threads of the heavy commands. One: on a machine whose cores other jobs share, torch's default (one thread per
+# core) spins waiting for busy cores and runs several times slower, while one thread loses little when the machine
+# is idle (docs/benchmarks.md, "CPU threads"; benchmarks/bench_threads.py).
+DEFAULT_THREADS = 1
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of one command: options registered with :func:`defer_options` are added the first time it
+    parses or prints help, so that building the whole ``vlprompt`` parser imports nothing heavy."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._deferred: list = []
+
+    def complete(self) -> "CommandParser":
+        """Add the deferred options now (parsing and help do it on their own)."""
+        while self._deferred:
+            self._deferred.pop(0)(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self.complete()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self.complete()
+        return super().format_usage()
+
+
+def defer_options(parser: argparse.ArgumentParser, add_options) -> None:
+    """Run ``add_options(parser)`` when ``parser`` is first used (at once for a plain ``ArgumentParser``)."""
+    if isinstance(parser, CommandParser):
+        parser._deferred.append(add_options)
+    else:
+        add_options(parser)
+
+
+def add_alias(parser: argparse.ArgumentParser, alias: str, option: str) -> None:
+    """Accept ``alias``, an earlier spelling of ``option``, for one more release: it parses exactly as ``option``
+    (required options included) and help shows only ``option``."""
+    parser._option_string_actions[alias] = parser._option_string_actions[option]
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``, shared by every command that computes; :func:`main` applies it before the command runs."""
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
+                        help=f"CPU threads for torch and for worker processes (default: $OMP_NUM_THREADS if set, "
+                        f"else {DEFAULT_THREADS}, which stays fast when other jobs share the cores; 0: leave it to "
+                        "torch, one per core)")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of threads, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (torch's default) or more threads, got {value}")
+    return value
+
+
+def resolve_threads(threads: int | None) -> int | None:
+    """The thread count a ``--threads`` value means: itself, else ``$OMP_NUM_THREADS``, else
+    :data:`DEFAULT_THREADS`; ``None`` for 0 (leave it to torch)."""
+    if threads is None:
+        try:
+            threads = int(os.environ.get("OMP_NUM_THREADS", ""))
+        except ValueError:
+            threads = DEFAULT_THREADS
+        threads = threads if threads >= 1 else DEFAULT_THREADS
+    return threads or None
+
+
+def apply_threads(threads: int | None) -> int:
+    """Use ``resolve_threads(threads)`` CPU threads in this process (intra- and inter-op) and in the processes it
+    starts (``OMP_NUM_THREADS``: sweep workers, data-loader workers, benchmark subprocesses). Returns the count
+    torch uses."""
+    import torch
+
+    count = resolve_threads(threads)
+    if count is None:
+        return torch.get_num_threads()
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:  # allowed once per process, before any inter-op work (a second main() in one process)
+        pass
+    return count
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlprompt",
         description="Prompt learning for CLIP-style vision-language models.",
+        epilog="`vlprompt <command> --help` describes a command. Start with `vlprompt demo` (no download).",
     )
     parser.add_argument("--version", action="version", version=f"vlprompt {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="<command>")
+    subparsers = parser.add_subparsers(dest="command", metavar="<command>", parser_class=CommandParser)
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
     return parser
@@ -64,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from vlprompt.allocator import tune_cpu_allocator
 
+    if hasattr(args, "threads"):
+        args.threads = apply_threads(args.threads)
     tune_cpu_allocator()  # for every later allocation; see vlprompt.allocator for why and how to opt out
     try:
         result = args.func(args)

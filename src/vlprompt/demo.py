@@ -28,6 +28,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from vlprompt.cli import add_threads_option
 from vlprompt.engine.config import RunConfig, build_config
 
 log = logging.getLogger("vlprompt")
@@ -125,13 +126,18 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--output", default="vlprompt-demo", help="folder for run folders and the report")
     parser.add_argument("--quick", action="store_true", help="the reduced demo (base-to-new, zero-shot and CoOp)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (default: a GPU if there is one, else cpu), cpu, "
+                        "cuda, cuda:N, mps")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    add_threads_option(parser)
     parser.set_defaults(func=_demo_command)
 
 
 def _demo_command(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # vlprompt's lines at INFO; the root logger stays at WARNING, which drops what open_clip logs on it at INFO
+    # ("Parsing tokenizer identifier" for every tokenizer it makes)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
     markdown, written = run_demo(args.output, QUICK if args.quick else FULL, device=args.device,
                                  progress=args.progress)
     print(markdown)

@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-from vlprompt.cli import parse_key_values
+from vlprompt.cli import defer_options, parse_key_values
+from vlprompt.compat.commands import add_source_option
 from vlprompt.errors import ConfigError, VlpromptError
 
 
@@ -65,10 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Read a checkpoint of an original code base without executing code from it and write a run "
                     "folder (config.json + prompts.safetensors, no results) that `vlprompt eval`, predict, "
                     "explain and export accept.")
-    from vlprompt.compat.mappings import SOURCES
-
-    imports.add_argument("--from", dest="source", required=True, choices=SOURCES,
-                         help="the original code base ('align' = the MMP trainer)")
+    defer_options(imports, add_source_option)
     imports.add_argument("--checkpoint", required=True, help="the original file, e.g. .../model.pth.tar-5")
     imports.add_argument("--dataset", help="the dataset the run evaluates on (class names and template read "
                                            "from it unless --classes is given)")

@@ -8,9 +8,18 @@
 The name and shape mappings are data in :mod:`vlprompt.compat.mappings`; docs/compat.md has the tables.
 """
 
-from vlprompt.compat.convert import OriginalCheckpoint, export_original, import_original, read_original
-from vlprompt.compat.mappings import SOURCES
-from vlprompt.compat.unpickler import Placeholder, load_pickled
+from vlprompt.lazy import lazy_exports
+
+# Imported on first use (see vlprompt.lazy), so that importing the package does not import torch.
+lazy_exports(__name__, {
+    "OriginalCheckpoint": "convert",
+    "export_original": "convert",
+    "import_original": "convert",
+    "read_original": "convert",
+    "SOURCES": "mappings",
+    "Placeholder": "unpickler",
+    "load_pickled": "unpickler",
+})
 
 __all__ = ["SOURCES", "OriginalCheckpoint", "Placeholder", "export_original", "import_original", "load_pickled",
            "read_original"]

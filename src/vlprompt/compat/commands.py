@@ -6,9 +6,7 @@ import argparse
 import json
 import os
 
-from vlprompt.compat.mappings import SOURCES
-from vlprompt.cli import parse_key_values
-from vlprompt.errors import ConfigError
+from vlprompt.cli import add_alias, defer_options, parse_key_values
 
 PLACEHOLDER_CLASS = "object"  # builds the method when no classes are given (only shapes matter then)
 
@@ -19,12 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="convert a checkpoint of the original code (CoOp, CoCoOp, PLOT, MaPLe, ALIGN, IVLP, PromptSRC, VPT) "
              "to a prompts.safetensors file, without executing code from it",
     )
-    parser.add_argument("--source", required=True, choices=SOURCES, help="original code base ('align' = MMP)")
+    defer_options(parser, add_source_option)
     parser.add_argument("--checkpoint", required=True, help="the original file, e.g. .../model.pth.tar-5")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--classes", nargs="+", help="class names (needed for class-specific CoOp context; "
-                        "recorded in the header)")
-    parser.add_argument("--classes-file", help="a text file with one class name per line")
+    # nargs="+": the earlier spelling `--classes a b` still works for one release (joined as a,b)
+    parser.add_argument("--classes", nargs="+", metavar="NAMES",
+                        help="class names: a,b,c or a text file with one name per line (needed for class-specific "
+                        "CoOp context; recorded in the header)")
+    add_alias(parser, "--classes-file", "--classes")
     parser.add_argument("--backbone", default="ViT-B-16-quickgelu",
                         help="architecture the prompts were trained on; only its shapes are used "
                              "(default: ViT-B-16-quickgelu, the released checkpoints')")
@@ -33,13 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_import)
 
 
+def add_source_option(parser: argparse.ArgumentParser) -> None:
+    """``--from SOURCE`` (earlier spelling ``--source``): the original code base, shared by ``import-original`` and
+    ``import``. Deferred by the callers: the names come from vlprompt.compat.mappings, which imports torch."""
+    from vlprompt.compat.mappings import SOURCES
+
+    parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
+                        help="the original code base ('align' = the MMP trainer)")
+    add_alias(parser, "--source", "--from")
+
+
 def _classnames(args: argparse.Namespace) -> list[str] | None:
-    if args.classes_file:
-        if not os.path.isfile(args.classes_file):
-            raise ConfigError(f"--classes-file {args.classes_file} does not exist")
-        with open(args.classes_file, encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip()]
-    return args.classes
+    from vlprompt.use_commands import read_classnames
+
+    return read_classnames(",".join(args.classes)) if args.classes else None
 
 
 def run_import(args: argparse.Namespace) -> int:

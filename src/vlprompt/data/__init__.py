@@ -8,11 +8,26 @@ Typical use::
     dataset = ImageDataset(splits.train, build_transform(True, 224, mean, std))
 """
 
-from vlprompt.data.base import Counts, DatasetInfo, DatasetSplits, Datum, Layout, git_blob_sha1
-from vlprompt.data.fewshot import sample_few_shot, subsample_classes
-from vlprompt.data.loading import CorruptImageWarning, ImageDataset, collate_skip_corrupt
-from vlprompt.data.registry import available_datasets, build_dataset, dataset_info
-from vlprompt.data.transforms import build_transform
+from vlprompt.lazy import lazy_exports
+
+# Imported on first use (see vlprompt.lazy), so that importing the package does not import torch.
+lazy_exports(__name__, {
+    "Counts": "base",
+    "DatasetInfo": "base",
+    "DatasetSplits": "base",
+    "Datum": "base",
+    "Layout": "base",
+    "git_blob_sha1": "base",
+    "sample_few_shot": "fewshot",
+    "subsample_classes": "fewshot",
+    "CorruptImageWarning": "loading",
+    "ImageDataset": "loading",
+    "collate_skip_corrupt": "loading",
+    "available_datasets": "registry",
+    "build_dataset": "registry",
+    "dataset_info": "registry",
+    "build_transform": "transforms",
+})
 
 __all__ = [
     "Counts",

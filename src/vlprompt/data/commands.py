@@ -8,7 +8,8 @@ import os
 import sys
 
 from vlprompt.data.base import missing_files
-from vlprompt.data.prepare import DEFAULT_TIMEOUT, MissingFiles, prepare
+from vlprompt.data.prepare import DEFAULT_TIMEOUT, ExtractLimits, MissingFiles, prepare
+from vlprompt.data.prepare.files import human_bytes, parse_bytes
 from vlprompt.data.registry import REGISTRY, dataset_info
 from vlprompt.data.standard import BLOBS
 from vlprompt.cli import add_alias, parse_key_values
@@ -68,7 +69,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "(into ROOT/downloads/)")
     prep.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help=f"seconds to wait for a download host (default {DEFAULT_TIMEOUT:g})")
+    limits = ExtractLimits()
+    prep.add_argument("--max-extract-size", type=_size, default=limits.max_bytes, metavar="SIZE",
+                      help="refuse an archive that unpacks to more than this, e.g. 500GB "
+                      f"(default {human_bytes(limits.max_bytes)})")
+    prep.add_argument("--max-extract-ratio", type=_ratio, default=limits.max_ratio, metavar="R",
+                      help="refuse an archive that unpacks to more than R times its own size (plus "
+                      f"{human_bytes(limits.allowance)}); images do not compress, so the official archives stay "
+                      f"near 1 (default {limits.max_ratio:g})")
     prep.set_defaults(func=run_prepare)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
 
 
 def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,8 +215,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     try:
+        limits = ExtractLimits(max_bytes=args.max_extract_size, max_ratio=args.max_extract_ratio)
         result = prepare(args.dataset, args.data_root, args.sources, download=args.download, timeout=args.timeout,
-                         log=print)
+                         log=print, limits=limits)
     except MissingFiles as missing:
         if args.sources or args.download:
             raise

@@ -12,22 +12,35 @@ Typical use from Python (the CLI does the same through :mod:`vlprompt.protocols`
 or, with your own data pipeline, :func:`fit` and :func:`evaluate` on any ``PromptMethod`` and torch dataset.
 """
 
-from vlprompt.engine.checkpoint import load_checkpoint, load_prompts, save_prompts, seed_everything
-from vlprompt.engine.config import (
-    BackboneConfig,
-    DataConfig,
-    EvalConfig,
-    MethodConfig,
-    OptimConfig,
-    RunConfig,
-    build_config,
-    resolve_preset,
-    validate,
-)
-from vlprompt.engine.evaluate import EvalResult, evaluate
-from vlprompt.engine.optim import EpochSchedule, build_optimizer, learning_rate
-from vlprompt.engine.runs import RunFolder, find_runs, run_dir
-from vlprompt.engine.trainer import TrainSummary, fit, resolve_device
+from vlprompt.lazy import lazy_exports
+
+# Imported on first use (see vlprompt.lazy), so that importing the package does not import torch.
+lazy_exports(__name__, {
+    "load_checkpoint": "checkpoint",
+    "load_prompts": "checkpoint",
+    "save_prompts": "checkpoint",
+    "seed_everything": "checkpoint",
+    "BackboneConfig": "config",
+    "DataConfig": "config",
+    "EvalConfig": "config",
+    "MethodConfig": "config",
+    "OptimConfig": "config",
+    "RunConfig": "config",
+    "build_config": "config",
+    "resolve_preset": "config",
+    "validate": "config",
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
+    "EpochSchedule": "optim",
+    "build_optimizer": "optim",
+    "learning_rate": "optim",
+    "RunFolder": "runs",
+    "find_runs": "runs",
+    "run_dir": "runs",
+    "TrainSummary": "trainer",
+    "fit": "trainer",
+    "resolve_device": "trainer",
+})
 
 __all__ = [
     "BackboneConfig",

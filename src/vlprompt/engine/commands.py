@@ -8,7 +8,7 @@ Examples::
     vlprompt train --method coop --dataset custom_folder --data-root ./my_images --set optim.epochs=20
     torchrun --nproc-per-node 4 -m vlprompt.cli train --method align --dataset imagenet --data-root ~/data
     vlprompt sweep grid.yaml --workers 4        # or --slurm: write a SLURM array script instead
-    vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --classes new
+    vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --class-set new
     vlprompt eval imported_maple.safetensors --dataset imagenet_a --data-root ~/data
     vlprompt report runs
 
@@ -36,7 +36,7 @@ from vlprompt.engine.config import (
     preset_variants,
     to_yaml,
 )
-from vlprompt.cli import parse_key_values
+from vlprompt.cli import add_alias, add_threads_option, parse_key_values
 from vlprompt.errors import ConfigError
 
 log = logging.getLogger("vlprompt")
@@ -75,7 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                      "prompts (<run>/eval/<dataset>-<classes>.json).")
     evaluate.add_argument("source", help="a run folder, or a prompts.safetensors file")
     evaluate.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
-    evaluate.add_argument("--classes", choices=("all", "base", "new"), default="all", help="class set (default all)")
+    evaluate.add_argument("--class-set", dest="classes", choices=("all", "base", "new"), default="all",
+                          help="the dataset's classes to test: all, base (first half) or new (second half) "
+                          "(default all)")
+    add_alias(evaluate, "--classes", "--class-set")
     evaluate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                           help="dataset option (custom datasets), value read as YAML")
     evaluate.add_argument("--data-root", help="data root (default: the run's)")
@@ -85,6 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--backbone", help="architecture (default: the run's, else ViT-B-16-quickgelu)")
     evaluate.add_argument("--pretrained", help="weights: open_clip tag, file or 'none' (default: the run's, else openai)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    add_threads_option(evaluate)
     evaluate.set_defaults(func=run_eval)
 
     report = subparsers.add_parser("report", help="tables (Markdown, CSV) and plots from run folders",
@@ -155,6 +159,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="discard existing run folders and start again")
     parser.add_argument("--quiet", action="store_true", help="no progress bars; warnings only")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config(s) as YAML and exit")
+    add_threads_option(parser)
 
 
 # --------------------------------------------------------------------------------------------- argument types
@@ -426,6 +431,7 @@ def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 
 def _summary_line(results: dict[str, Any]) -> str:
-    numbers = ", ".join(f"{key} {value:.2f}" for key, value in results["metrics"].items())
+    numbers = ", ".join(f"{key} {'n/a' if value is None else f'{value:.2f}'}"  # None: not available
+                        for key, value in results["metrics"].items())
     return (f"{results['protocol']} {results['dataset']} {results['method']} shots {results['shots']} "
             f"seed {results['seed']}: {numbers}")

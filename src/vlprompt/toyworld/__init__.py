@@ -6,11 +6,28 @@ in the CoOp split format, and a small open_clip CLIP whose weights live in ``toy
 See ``docs/toyworld.md``.
 """
 
-from vlprompt.toyworld.materialize import generate_split, materialize
-from vlprompt.toyworld.model import MODEL_CFG, build_toy_clip, get_tokenizer, images_to_tensor, load_toy_clip
-from vlprompt.toyworld.render import generate, render, sample_attributes
-from vlprompt.toyworld.world import DATASETS, DOMAINS, HELD_OUT, ToyDataset, get_dataset
-from vlprompt.toyworld.zeroshot import evaluate_zero_shot, zero_shot_accuracy
+from vlprompt.lazy import lazy_exports
+
+# Imported on first use (see vlprompt.lazy), so that importing the package does not import torch.
+lazy_exports(__name__, {
+    "generate_split": "materialize",
+    "materialize": "materialize",
+    "MODEL_CFG": "model",
+    "build_toy_clip": "model",
+    "get_tokenizer": "model",
+    "images_to_tensor": "model",
+    "load_toy_clip": "model",
+    "generate": "render",
+    "render": "render",
+    "sample_attributes": "render",
+    "DATASETS": "world",
+    "DOMAINS": "world",
+    "HELD_OUT": "world",
+    "ToyDataset": "world",
+    "get_dataset": "world",
+    "evaluate_zero_shot": "zeroshot",
+    "zero_shot_accuracy": "zeroshot",
+})
 
 __all__ = [
     "DATASETS",

@@ -6,13 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from vlprompt.toyworld.world import DATASETS
+from vlprompt.cli import add_alias, add_threads_option, defer_options, resolve_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``toyworld`` command and its sub-commands to the ``vlprompt`` parser."""
-    from vlprompt.toyworld.pretrain import PretrainConfig
-
     parser = subparsers.add_parser(
         "toyworld",
         help="the generated toy world and its tiny pretrained CLIP",
@@ -21,28 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 1)
     commands = parser.add_subparsers(dest="toyworld_command", metavar="<subcommand>")
 
-    default = PretrainConfig()
     pretrain = commands.add_parser(
         "pretrain",
         help="contrastively pretrain the toy CLIP on generated image-caption pairs",
         description="Pretrain the toy CLIP (photo domain, held-out compositions excluded). Resumable: re-run the "
         "same command after an interruption.",
     )
-    pretrain.add_argument("--steps", type=int, default=default.steps, help="optimisation steps")
-    pretrain.add_argument("--batch-size", type=int, default=default.batch_size, help="pairs per step")
-    pretrain.add_argument("--lr", type=float, default=default.lr, help="peak learning rate")
-    pretrain.add_argument("--warmup-steps", type=int, default=default.warmup_steps, help="linear warmup steps")
-    pretrain.add_argument("--weight-decay", type=float, default=default.weight_decay, help="AdamW weight decay")
-    pretrain.add_argument("--seed", type=int, default=default.seed, help="seeds the init and every batch")
-    pretrain.add_argument("--threads", type=int, default=default.threads, help="torch CPU threads")
-    pretrain.add_argument("--device", default=default.device, help="cpu or cuda")
-    pretrain.add_argument(
-        "--work-dir", type=Path, default=default.work_dir, help="resume checkpoint and log (default: %(default)s)"
-    )
-    pretrain.add_argument(
-        "--output-dir", type=Path, default=default.output_dir,
-        help="where toyclip.safetensors and toyclip.json go (default: inside the installed package)",
-    )
+    defer_options(pretrain, _pretrain_options)  # the defaults live in PretrainConfig, whose module imports torch
     pretrain.set_defaults(func=_pretrain)
 
     materialize = commands.add_parser(
@@ -50,19 +33,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write toy datasets as PNG folders with CoOp-format split files",
         description="Write toy datasets under ROOT/<name>/ (images/ and split.json). Idempotent.",
     )
-    materialize.add_argument("names", nargs="+", choices=[*DATASETS, "all"], metavar="NAME",
-                             help=f"datasets to write, or 'all': {', '.join(DATASETS)}")
-    materialize.add_argument("--root", type=Path, required=True, help="folder that receives one folder per dataset")
+    defer_options(materialize, _dataset_names)  # vlprompt.toyworld.world imports numpy
+    materialize.add_argument("--data-root", dest="root", type=Path, required=True,
+                             help="folder that receives one folder per dataset (the data root of train and run)")
+    add_alias(materialize, "--root", "--data-root")
     materialize.add_argument("--n-train", type=int, default=16, help="train images per class")
     materialize.add_argument("--n-val", type=int, default=4, help="val images per class")
     materialize.add_argument("--n-test", type=int, default=50, help="test images per class")
-    materialize.add_argument("--seed", type=int, default=0)
+    materialize.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     materialize.set_defaults(func=_materialize)
 
     zeroshot = commands.add_parser("zeroshot", help="zero-shot accuracy of the shipped toy CLIP")
     zeroshot.add_argument("--n-per-class", type=int, default=50, help="generated test images per class")
-    zeroshot.add_argument("--seed", type=int, default=0)
+    zeroshot.add_argument("--seed", type=int, default=0, help="generation seed of the test images (default 0)")
     zeroshot.set_defaults(func=_zeroshot)
+
+
+def _dataset_names(parser: argparse.ArgumentParser) -> None:
+    from vlprompt.toyworld.world import DATASETS
+
+    parser.add_argument("names", nargs="+", choices=[*DATASETS, "all"], metavar="NAME",
+                        help=f"datasets to write, or 'all': {', '.join(DATASETS)}")
+
+
+def _pretrain_options(parser: argparse.ArgumentParser) -> None:
+    from vlprompt.toyworld.pretrain import PretrainConfig
+
+    default = PretrainConfig()
+    parser.add_argument("--steps", type=int, default=default.steps, help="optimisation steps")
+    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="pairs per step")
+    parser.add_argument("--lr", type=float, default=default.lr, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, default=default.warmup_steps, help="linear warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=default.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--seed", type=int, default=default.seed, help="seeds the init and every batch")
+    add_threads_option(parser)
+    parser.add_argument("--device", default=default.device, help="cpu or cuda")
+    parser.add_argument(
+        "--work-dir", type=Path, default=default.work_dir, help="resume checkpoint and log (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=default.output_dir,
+        help="where toyclip.safetensors and toyclip.json go (default: inside the installed package)",
+    )
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -70,8 +82,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     config = PretrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, seed=args.seed, threads=args.threads, device=args.device,
-        work_dir=args.work_dir, output_dir=args.output_dir,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device, work_dir=args.work_dir,
+        output_dir=args.output_dir, threads=args.threads or resolve_threads(None),  # None: parsed outside main()
     )
     pretrain(config, log=lambda message: print(message, flush=True))
     return 0
@@ -79,6 +91,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _materialize(args: argparse.Namespace) -> int:
     from vlprompt.toyworld.materialize import materialize
+    from vlprompt.toyworld.world import DATASETS
 
     names = list(DATASETS) if "all" in args.names else args.names
     for name in names:
