@@ -1,7 +1,7 @@
 """Published numbers to reproduce, stored as data (one YAML file per table in this package), each with its source.
 
 A reference table is a grid ``methods × datasets × shots × metrics`` of a protocol, plus the 11-dataset ``average``
-row. Its ``cells`` hold the values that could be sourced; every cell names one of the table's ``sources`` (paper,
+row, on one ``backbone`` (``ViT-B/16`` unless the file says otherwise). Its ``cells`` hold the values that could be sourced; every cell names one of the table's ``sources`` (paper,
 table, URL) and a status:
 
 * ``published`` — read from the source as printed;
@@ -88,6 +88,7 @@ class ReferenceTable:
     missing_note: str = ""
     notes: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
+    backbone: str = "ViT-B/16"
 
     def cell(self, method: str, dataset: str, shots: int, metric: str | None = None) -> ReferenceCell | None:
         """The stored cell, or None (``metric`` may be left out when the table has one metric)."""
@@ -173,7 +174,7 @@ def load(name: str) -> ReferenceTable:
             methods=dict(data["methods"]), datasets=list(data["datasets"]), shots=[int(k) for k in data["shots"]],
             grid=dict(data.get("grid") or {}), sources=sources, cells={},
             missing_note=str(data.get("missing", "")).strip(), notes=list(data.get("notes") or []),
-            aliases=list(data.get("aliases") or []))
+            aliases=list(data.get("aliases") or []), backbone=str(data.get("backbone", "ViT-B/16")))
     except (KeyError, TypeError, ValueError) as error:
         raise ConfigError(f"{where}: malformed header ({error})") from None
     for raw in data.get("cells") or []:
