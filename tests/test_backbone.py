@@ -183,7 +183,7 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, handle)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match=r"refusing .*evil.pt: it contains pickled code \((posix|nt)\.system\)"):
         load_state_dict_file(path)
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
 

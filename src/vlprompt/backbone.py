@@ -22,11 +22,12 @@ means prompts at blocks ``0 .. J-1``, block 0 being the input embedding.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import open_clip
 import torch
@@ -578,6 +579,30 @@ def available_backbones() -> list[str]:
     return sorted(TINY_CONFIGS) + ["toy"] + open_clip.list_models()
 
 
+def weights_argument(pretrained: str | os.PathLike | None) -> str | os.PathLike | None:
+    """``pretrained`` as :func:`load_clip` reads it: ``None`` and ``"none"`` (any case) both mean random weights."""
+    return None if pretrained is None or str(pretrained).lower() == "none" else pretrained
+
+
+def check_backbone(model_name: str, pretrained: str | os.PathLike | None = None) -> None:
+    """Raise :class:`ConfigError` for an unknown architecture or an open_clip tag that the architecture does not
+    have (the message lists its tags). Local files are checked when they are read; the tiny and toy backbones
+    ignore tags (they need no download)."""
+    pretrained = weights_argument(pretrained)
+    if model_name in TINY_CONFIGS or model_name == "toy":
+        return
+    if model_name not in open_clip.list_models():
+        raise ConfigError(f"unknown backbone {model_name!r}; choose an open_clip model (open_clip.list_models()), "
+                          f"one of {sorted(TINY_CONFIGS)} or 'toy' (the bundled toy-world CLIP)")
+    if pretrained is None or _looks_like_path(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if not open_clip.get_pretrained_cfg(model_name, str(pretrained)):
+        known = f"its tags: {', '.join(tags)}" if tags else "open_clip has no pretrained weights for it"
+        raise ConfigError(f"unknown --pretrained tag {str(pretrained)!r} for {model_name}; {known}; or give a local "
+                          f"weights file, or 'none' for random weights")
+
+
 def load_clip(
     model_name: str,
     pretrained: str | os.PathLike | None = None,
@@ -587,51 +612,134 @@ def load_clip(
 ) -> PromptableCLIP:
     """Build a frozen :class:`PromptableCLIP`.
 
+    Building never changes the caller's random state (models are initialised under a forked generator), so that
+    the order in which a run loads its data and its backbone does not change its results.
+
     Args:
         model_name: an open_clip architecture (``"ViT-B-16"``; use the ``-quickgelu`` variants with OpenAI
             weights), a tiny test config (``"tiny"``), or ``"toy"`` (the small CLIP pretrained on the bundled toy
             world, shipped inside the package).
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``; downloaded through open_clip
             when a network exists), a path to a local weights file (OpenAI TorchScript/state-dict archive, open_clip
-            state dict, ``.safetensors``), or ``None`` for random weights.
+            state dict, ``.safetensors``), or ``None`` / ``"none"`` for random weights.
         device: where to put the model.
         precision: weight precision ``"fp32"``, ``"fp16"`` or ``"bf16"``.
         cache_dir: open_clip's download cache.
+
+    Raises:
+        ConfigError: unknown architecture, precision or tag.
+        CheckpointError: a weights file that is missing, unsafe or does not fit; weights that cannot be downloaded.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    pretrained = weights_argument(pretrained)
+    check_backbone(model_name, pretrained)
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    if model_name == "toy":
-        from vlprompt.toyworld import load_toy_clip  # the shipped toy-world CLIP
+    with torch.random.fork_rng(devices=[]):
+        if model_name == "toy":
+            from vlprompt.toyworld import load_toy_clip  # the shipped toy-world CLIP
 
-        model, _ = load_toy_clip()
-        label = "toy"
-    elif model_name in TINY_CONFIGS:
-        torch_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # tiny models are reproducible architectures, not seed-dependent ones
-        model = open_clip.CLIP(**TINY_CONFIGS[model_name])
-        torch.random.set_rng_state(torch_state)
-        label = model_name
-    else:
-        if model_name not in open_clip.list_models():
-            raise ConfigError(f"unknown backbone {model_name!r}; choose an open_clip model "
-                              f"(open_clip.list_models()), one of {sorted(TINY_CONFIGS)} or 'toy'")
-        try:
-            tokenizer = open_clip.get_tokenizer(model_name)
-        except ModuleNotFoundError as error:  # Hugging Face tokenizers (SigLIP, XLM-R, ...) need transformers
-            raise ConfigError(f"{model_name}: its tokenizer needs the '{error.name}' package: pip install "
-                              f"{error.name}") from error
-        is_tag = pretrained is not None and not _looks_like_path(pretrained)
-        model = open_clip.create_model(
-            model_name, pretrained=str(pretrained) if is_tag else None, cache_dir=cache_dir, load_weights=True
-        )
-        label = f"{model_name}/{pretrained}" if is_tag else model_name
+            model, _ = load_toy_clip()
+            label = "toy"
+        elif model_name in TINY_CONFIGS:
+            torch.manual_seed(0)  # tiny models are reproducible architectures, not seed-dependent ones
+            model = open_clip.CLIP(**TINY_CONFIGS[model_name])
+            label = model_name
+        else:
+            try:
+                tokenizer = open_clip.get_tokenizer(model_name)
+            except ModuleNotFoundError as error:  # Hugging Face tokenizers (SigLIP, XLM-R, ...) need transformers
+                raise ConfigError(f"{model_name}: its tokenizer needs the '{error.name}' package: pip install "
+                                  f"{error.name}") from error
+            is_tag = pretrained is not None and not _looks_like_path(pretrained)
+            if is_tag:
+                download_weights(model_name, str(pretrained), cache_dir)
+            model = open_clip.create_model(
+                model_name, pretrained=str(pretrained) if is_tag else None, cache_dir=cache_dir, load_weights=True
+            )
+            label = f"{model_name}/{pretrained}" if is_tag else model_name
     if pretrained is not None and _looks_like_path(pretrained):
         state_dict = load_state_dict_file(pretrained)
         _load_into(model, state_dict, pretrained)
         label = f"{model_name}/{os.path.basename(str(pretrained))}"
     model = model.to(device=device, dtype=PRECISIONS[precision])
     return PromptableCLIP(model, tokenizer, name=label)
+
+
+def download_weights(model_name: str, tag: str, cache_dir: str | None = None) -> str:
+    """The local file of open_clip's weights ``tag`` for ``model_name``, downloaded into the cache unless there.
+
+    Done before open_clip builds the model so that a failure is one :class:`CheckpointError` naming the tag and
+    the ways out, not a minute of Hugging Face hub retry warnings and a chained traceback: when the weights are
+    not cached and the hub does not answer, it fails at once.
+    """
+    from open_clip.pretrained import download_pretrained
+
+    config = open_clip.get_pretrained_cfg(model_name, tag)
+    try:
+        with _hub_warnings_silenced():
+            if not _weights_cached(config, cache_dir):
+                _check_hub_reachable(config)
+            return download_pretrained(config, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 - every way a download fails gets the same advice
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"cannot download the weights {model_name}/{tag} ({reason[:200]}). Ways out: --pretrained PATH with a "
+            f"local weights file, --backbone toy for the bundled toy-world CLIP (no download), or HF_HUB_OFFLINE=1 "
+            f"to use weights already in the Hugging Face cache") from None
+
+
+def _hub_file(config: Mapping) -> tuple[str, list[str]] | None:
+    """``(repository, candidate file names)`` of a pretrained config on the Hugging Face hub (open_clip prefers a
+    ``.safetensors`` twin of the file), or None for a plain URL."""
+    if not config.get("hf_hub"):
+        return None
+    repository, filename = os.path.split(config["hf_hub"])
+    filename = filename or "open_clip_pytorch_model.bin"
+    return repository, ["open_clip_model.safetensors", filename] if filename.endswith(".bin") else [filename]
+
+
+def _weights_cached(config: Mapping, cache_dir: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = _hub_file(config)
+    if hub is None:
+        return True  # a plain URL download fails fast on its own
+    repository, names = hub
+    return any(isinstance(try_to_load_from_cache(repository, name, cache_dir=cache_dir), str) for name in names)
+
+
+def _check_hub_reachable(config: Mapping, timeout: float = 10.0) -> None:
+    """For weights that are not cached: raise OSError when the hub cannot be asked (offline mode) or does not
+    answer (one request instead of the hub client's retries)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if _hub_file(config) is None:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE is set and they are not in the Hugging Face cache")
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except OSError as error:
+        raise OSError(f"the Hugging Face hub at {constants.ENDPOINT} is not reachable: "
+                      f"{getattr(error, 'reason', error)}") from None
+
+
+@contextlib.contextmanager
+def _hub_warnings_silenced() -> Iterator[None]:
+    """Keep the hub client's retry warnings off the console while downloading (its failure is reported once)."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _looks_like_path(pretrained: str | os.PathLike) -> bool:
@@ -645,9 +753,18 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a weights file without executing code from it.
 
     Accepts ``.safetensors``, a ``torch.save`` state dict (optionally nested under ``"state_dict"``; loaded with
-    ``weights_only=True``), and OpenAI's TorchScript archives (their ``constants``/tensors are read through
-    ``torch.jit.load`` on the CPU, which runs TorchScript IR only, never Python pickles of arbitrary classes).
+    ``weights_only=True``) and TorchScript archives such as OpenAI's released CLIP ``.pt`` files (their tensors
+    and module attributes are read from the archive as data; its code is never compiled or run, see
+    :func:`vlprompt.compat.unpickler.load_torchscript_weights`). A file that holds pickled code is refused with
+    every pickled name listed.
     """
+    from vlprompt.compat.unpickler import (
+        is_torchscript_archive,
+        load_torchscript_weights,
+        pickled_code_refusal,
+        pickled_names,
+    )
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"weights file not found: {path} (expected a .safetensors, .pt or OpenAI .pt archive)")
@@ -658,18 +775,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a valid safetensors file ({error})") from error
-    if _is_torchscript_archive(path):
-        try:
-            return torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as error:
-            raise CheckpointError(f"{path}: cannot read this TorchScript archive ({error})") from error
+    if is_torchscript_archive(path):
+        return load_torchscript_weights(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path}: refused to load; the file contains pickled objects other than tensors and plain containers "
-            f"(loading it would execute code from the file). Convert it to .safetensors with a trusted tool."
-        ) from error
+    except pickle.UnpicklingError:
+        raise pickled_code_refusal(path, pickled_names(path) or ["unsupported objects"],
+                                   "Convert it to .safetensors with a trusted tool") from None
     except Exception as error:
         raise CheckpointError(f"{path}: cannot read weights ({error})") from error
     if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
@@ -679,19 +791,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in loaded.items()}
 
 
-def _is_torchscript_archive(path: str) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
-
-
 def _load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    # OpenAI archives carry three extra scalars that open_clip does not keep.
-    unexpected = [key for key in unexpected if key not in ("input_resolution", "context_length", "vocab_size")]
+    # OpenAI archives carry three extra scalars that open_clip does not keep; TorchScript archives also store the
+    # model's non-persistent buffers (open_clip's causal ``attn_mask``), which the model builds itself.
+    ignored = {"input_resolution", "context_length", "vocab_size"}
+    ignored.update(name for name, _ in model.named_buffers() if name not in expected)
+    unexpected = [key for key in unexpected if key not in ignored]
     mismatched = [
         f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
         for key in expected

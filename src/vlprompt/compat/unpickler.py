@@ -1,4 +1,4 @@
-"""Read a ``torch.save`` file without executing anything from it.
+"""Read a ``torch.save`` file or a TorchScript archive without executing anything from it.
 
 Checkpoints of the Dassl-based code bases are pickles that hold, beside the tensors, optimizer and scheduler
 *objects* (Dassl's warm-up scheduler wraps a torch ``CosineAnnealingLR`` that references the optimizer). A
@@ -14,15 +14,27 @@ and ``torch.load(weights_only=True)`` refuses these files outright. This reader 
 * Storages are read from the archive by us: the zip format (``<name>/data.pkl`` + ``<name>/data/<key>``) and
   the legacy format (a sequence of pickles followed by the raw storages). A gzip-compressed file is
   decompressed first; a ``.pth.tar`` name is an ordinary ``torch.save`` file.
+* TorchScript archives (``torch.jit.save``; OpenAI's released CLIP ``.pt`` files) hold, beside the same
+  ``data.pkl`` + storages, the TorchScript source of their classes, which ``torch.jit.load`` compiles and runs —
+  a class's ``__setstate__`` runs while loading and can write any file. :func:`load_torchscript_weights` reads
+  the modules' attributes from ``data.pkl`` instead and collects the parameters and buffers each class declares
+  (``__parameters__`` / ``__buffers__`` lines of its source, read as text); a class that restores itself with its
+  own ``__setstate__`` is refused.
+* :func:`pickled_code_refusal` is the one error for a file whose pickles name anything beyond tensors and plain
+  containers: it lists every such name.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import ast
 import collections
+import contextlib
 import gzip
 import io
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, BinaryIO
 
@@ -160,6 +172,10 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): _latin1_encode,
 }
 _ALLOWED.update({("torch", name): getattr(torch, name) for name in _DTYPE_NAMES})
+# TorchScript's pickler tags lists and dicts with their static types; the values are plain data.
+_ALLOWED.update({("torch.jit._pickle", name): (lambda data: data)
+                 for name in ("build_intlist", "build_tensorlist", "build_doublelist", "build_boollist")})
+_ALLOWED[("torch.jit._pickle", "restore_type_tag")] = lambda value, _type_name: value
 for _module in ("builtins", "__builtin__"):
     _ALLOWED.update({(_module, name): value for name, value in _SAFE_BUILTINS.items()})
 
@@ -170,20 +186,29 @@ class RestrictedUnpickler(pickle.Unpickler):
     Args:
         file: the pickle stream.
         load_storage: ``(dtype, key, numel, view) -> _Storage`` for torch's persistent storage references.
+        seen: a set that receives every replaced name as soon as it is met (kept when reading fails later).
     """
 
-    def __init__(self, file: BinaryIO, load_storage=None):
+    def __init__(self, file: BinaryIO, load_storage=None, seen: set[str] | None = None):
         super().__init__(file, encoding="latin1")  # latin1: Python 2 pickles, as Dassl's loader falls back to
         self._load_storage = load_storage
+        self._seen = seen if seen is not None else set()
         self.placeholders: dict[str, type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 0-2 pickles use Python 2 names (subprocess.Popen is written as commands.Popen); read them as
+        # Python 3 names, as pickle itself does, so that allow-list and reports see the real name.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         allowed = _ALLOWED.get((module, name))
         if allowed is not None:
             return allowed
         qualified = f"{module}.{name}"
+        self._seen.add(qualified)
         if qualified not in self.placeholders:
             self.placeholders[qualified] = type(name, (Placeholder,), {"qualified_name": qualified})
         return self.placeholders[qualified]
@@ -207,38 +232,47 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _read_zip(handle: BinaryIO, source: str) -> tuple[Any, list[str]]:
-    with zipfile.ZipFile(handle) as archive:
-        names = archive.namelist()
-        pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{source}: a zip file but not a torch.save archive (no single data.pkl)")
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = f"{prefix}byteorder"
-        if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):
-            raise CheckpointError(f"{source}: big-endian checkpoints are not supported")
-        storages: dict[str, _Storage] = {}
+def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
+    """The folder inside the zip that holds ``data.pkl`` (``"<name>/"``, or ``""``)."""
+    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{source}: a zip file but not a torch.save archive (no single data.pkl)")
+    return pickles[0][: -len("data.pkl")]
 
-        def load_storage(dtype, key, numel, _view):
-            if key not in storages:
-                entry = f"{prefix}data/{key}"
-                if entry not in names:
-                    raise CheckpointError(f"{source}: storage {key!r} is missing from the archive")
-                expected = numel * _element_size(dtype)
-                if archive.getinfo(entry).file_size != expected:
-                    raise CheckpointError(f"{source}: storage {key!r} has {archive.getinfo(entry).file_size} "
-                                          f"bytes, expected {expected}")
-                storages[key] = _Storage(_flat_from_buffer(bytearray(archive.read(entry)), dtype))
-            return storages[key]
 
-        unpickler = RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), load_storage)
-        result = unpickler.load()
+def _unpickle_archive(archive: zipfile.ZipFile, prefix: str, source: str, seen: set[str]) -> tuple[Any, list[str]]:
+    """``<prefix>data.pkl`` of a torch.save zip or a TorchScript archive, its storages read from ``<prefix>data/``."""
+    names = set(archive.namelist())
+    byteorder = f"{prefix}byteorder"
+    if byteorder in names and archive.read(byteorder).strip() not in (b"little", b""):
+        raise CheckpointError(f"{source}: big-endian checkpoints are not supported")
+    storages: dict[str, _Storage] = {}
+
+    def load_storage(dtype, key, numel, _view):
+        if key not in storages:
+            entry = f"{prefix}data/{key}"
+            if entry not in names:
+                raise CheckpointError(f"{source}: storage {key!r} is missing from the archive")
+            expected = numel * _element_size(dtype)
+            if archive.getinfo(entry).file_size != expected:
+                raise CheckpointError(f"{source}: storage {key!r} has {archive.getinfo(entry).file_size} "
+                                      f"bytes, expected {expected}")
+            storages[key] = _Storage(_flat_from_buffer(bytearray(archive.read(entry)), dtype))
+        return storages[key]
+
+    unpickler = RestrictedUnpickler(io.BytesIO(archive.read(f"{prefix}data.pkl")), load_storage, seen)
+    result = unpickler.load()
     return result, sorted(unpickler.placeholders)
 
 
-def _read_legacy(handle: BinaryIO, source: str, total_bytes: int) -> tuple[Any, list[str]]:
+def _read_zip(handle: BinaryIO, source: str, seen: set[str]) -> tuple[Any, list[str]]:
+    with zipfile.ZipFile(handle) as archive:
+        return _unpickle_archive(archive, _archive_prefix(archive, source), source, seen)
+
+
+def _read_legacy(handle: BinaryIO, source: str, total_bytes: int, seen: set[str]) -> tuple[Any, list[str]]:
     def small_pickle():
-        return RestrictedUnpickler(handle).load()
+        return RestrictedUnpickler(handle, seen=seen).load()
 
     if small_pickle() != LEGACY_MAGIC_NUMBER:
         raise CheckpointError(f"{source}: not a torch.save file (neither a zip archive nor the legacy format)")
@@ -271,7 +305,7 @@ def _read_legacy(handle: BinaryIO, source: str, total_bytes: int) -> tuple[Any, 
             views[view_key] = _Storage(root.flat[offset: offset + size])
         return views[view_key]
 
-    unpickler = RestrictedUnpickler(handle, load_storage)
+    unpickler = RestrictedUnpickler(handle, load_storage, seen)
     result = unpickler.load()
     keys = small_pickle()
     if not isinstance(keys, list):
@@ -297,6 +331,10 @@ def load_pickled(checkpoint: str | os.PathLike | bytes) -> tuple[Any, list[str]]
         ``(object, placeholder_names)``: the saved object with tensors materialised (on the CPU) and every
         non-allow-listed object replaced by a :class:`Placeholder`; the qualified names that were replaced.
     """
+    return _load_pickled(checkpoint, set())
+
+
+def _load_pickled(checkpoint: str | os.PathLike | bytes, seen: set[str]) -> tuple[Any, list[str]]:
     if isinstance(checkpoint, (bytes, bytearray)):
         data, source = bytes(checkpoint), "<bytes>"
     else:
@@ -311,14 +349,145 @@ def load_pickled(checkpoint: str | os.PathLike | bytes) -> tuple[Any, list[str]]
         except (OSError, EOFError) as error:
             raise CheckpointError(f"{source}: corrupt gzip file ({error})") from None
     handle = io.BytesIO(data)
-    try:
+    with _unreadable_as_checkpoint_error(source, "torch.save file"):
         if zipfile.is_zipfile(handle):
             handle.seek(0)
-            return _read_zip(handle, source)
+            return _read_zip(handle, source, seen)
         handle.seek(0)
-        return _read_legacy(handle, source, len(data))
+        return _read_legacy(handle, source, len(data), seen)
+
+
+@contextlib.contextmanager
+def _unreadable_as_checkpoint_error(source: str, what: str):
+    """Any error of a malformed pickle or zip becomes one :class:`CheckpointError` naming the file."""
+    try:
+        yield
     except CheckpointError:
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             RuntimeError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{source}: not a readable torch.save file ({type(error).__name__}: {error})") from None
+        raise CheckpointError(f"{source}: not a readable {what} ({type(error).__name__}: {error})") from None
+
+
+# --------------------------------------------------------------------------------------------- refusing code
+
+
+def pickled_names(checkpoint: str | os.PathLike | bytes) -> list[str]:
+    """Every name beyond tensors and plain containers that the pickles of a ``torch.save`` file refer to (the
+    classes and functions ``torch.load`` would import and call), read without importing or calling any; names met
+    before a read error are included."""
+    seen: set[str] = set()
+    with contextlib.suppress(CheckpointError):
+        _load_pickled(checkpoint, seen)
+    return sorted(seen)
+
+
+def pickled_code_refusal(path: str | os.PathLike, names: list[str], advice: str = "") -> CheckpointError:
+    """The one error for a file that holds pickled code: every name in it, command-running ones first."""
+    names = sorted(names, key=lambda name: (not runs_code(name), name))
+    tampered = " (a call that runs commands: the file was probably tampered with)" if any(map(runs_code, names)) \
+        else ""
+    return CheckpointError(f"refusing {os.fspath(path)}: it contains pickled code ({', '.join(names)}){tampered}; "
+                           f"nothing from it was run" + (f". {advice}" if advice else ""))
+
+
+# --------------------------------------------------------------------------------------------- TorchScript
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """Is ``path`` a zip with TorchScript source (``<name>/code/``), i.e. written by ``torch.jit.save``?"""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/", 1)[-1].startswith("code/") for name in archive.namelist())
+
+
+def load_torchscript_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive, named as ``torch.jit.load(path).state_dict()`` names
+    them, read without compiling or running any of the archive's code.
+
+    Raises:
+        CheckpointError: the archive names anything but TorchScript classes and tensors (listed), a class restores
+            itself with its own ``__setstate__`` (its weights cannot be read without running it), or the archive
+            is malformed.
+    """
+    source = os.fspath(path)
+    advice = "Export the weights as a state dict (.safetensors) with a trusted tool"
+    seen: set[str] = set()
+    with zipfile.ZipFile(source) as archive, _unreadable_as_checkpoint_error(source, "TorchScript archive"):
+        prefix = _archive_prefix(archive, source)
+        try:
+            root, _ = _unpickle_archive(archive, prefix, source, seen)
+        except CheckpointError:
+            foreign = [name for name in seen if not name.startswith("__torch__.")]
+            if foreign:
+                raise pickled_code_refusal(source, foreign, advice) from None
+            raise
+        foreign = [name for name in seen if not name.startswith("__torch__.")]
+        if foreign:
+            raise pickled_code_refusal(source, foreign, advice)
+        declarations = _ClassDeclarations(archive, prefix)
+        weights: dict[str, torch.Tensor] = {}
+        _collect_module_tensors(root, "", declarations, weights, source, advice, set())
+    return weights
+
+
+class _ClassDeclarations:
+    """What the TorchScript source of a class declares, read as text (never compiled): its parameter and buffer
+    names and whether it defines ``__setstate__``. Class ``__torch__.a.b.C`` lives in ``code/__torch__/a/b.py``."""
+
+    _CLASS = re.compile(r"^class (\w+)\(", re.MULTILINE)
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        self._archive, self._prefix = archive, prefix
+        self._files: dict[str, dict[str, str]] = {}
+
+    def body(self, qualified_name: str) -> str | None:
+        module, _, name = qualified_name.rpartition(".")
+        if module not in self._files:
+            entry = f"{self._prefix}code/{module.replace('.', '/')}.py"
+            text = self._archive.read(entry).decode("utf-8", "replace") if entry in self._archive.namelist() else ""
+            starts = list(self._CLASS.finditer(text)) + [None]
+            self._files[module] = {match.group(1): text[match.start(): following.start() if following else None]
+                                   for match, following in zip(starts, starts[1:])}
+        return self._files[module].get(name)
+
+    def state_names(self, qualified_name: str) -> set[str] | None:
+        """The declared parameters and buffers, or None when the class's source is not in the archive."""
+        body = self.body(qualified_name)
+        if body is None:
+            return None
+        names: set[str] = set()
+        for kind in ("__parameters__", "__buffers__"):
+            match = re.search(rf"^\s+{kind} = (\[[^\]]*\])", body, re.MULTILINE)
+            if match:
+                names.update(ast.literal_eval(match.group(1)))
+        return names
+
+    def restores_itself(self, qualified_name: str) -> bool:
+        body = self.body(qualified_name)
+        return body is not None and re.search(r"^\s+def __setstate__\(", body, re.MULTILINE) is not None
+
+
+def _collect_module_tensors(module: Any, prefix: str, declarations: _ClassDeclarations,
+                            weights: dict[str, torch.Tensor], source: str, advice: str, visiting: set[int]) -> None:
+    """Walk the module tree of a TorchScript ``data.pkl`` (placeholders whose state is their attribute dict),
+    adding each declared parameter and buffer to ``weights`` under its dotted path."""
+    name = getattr(module, "qualified_name", "?")
+    if not isinstance(module, Placeholder) or not name.startswith("__torch__."):
+        raise CheckpointError(f"{source}: not a TorchScript module archive (found {module!r} where a module was "
+                              f"expected)")
+    if declarations.restores_itself(name) or not isinstance(module.state, dict):
+        raise CheckpointError(f"refusing {source}: its TorchScript class {name.removeprefix('__torch__.')} restores "
+                              f"itself with its own code (__setstate__), which vlprompt never runs; nothing from it "
+                              f"was run. {advice}")
+    if id(module) in visiting:
+        return
+    visiting.add(id(module))
+    declared = declarations.state_names(name)
+    for attribute, value in module.state.items():
+        if isinstance(value, torch.Tensor):
+            if declared is None or attribute in declared:
+                weights[prefix + attribute] = value
+        elif isinstance(value, Placeholder) and value.qualified_name.startswith("__torch__."):
+            _collect_module_tensors(value, f"{prefix}{attribute}.", declarations, weights, source, advice, visiting)
