@@ -142,8 +142,20 @@ def read_verified(content: bytes, blob: str, what: str, fix: str) -> bytes:
     return content
 
 
+def path_under(folder: str, relpath: str, what: str) -> str:
+    """``folder/relpath`` as an absolute path; a ``relpath`` that is absolute or leaves ``folder`` (``../``) is a
+    :class:`DataError` (a split file lists images inside its image folder, nothing else)."""
+    folder = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(folder, relpath))
+    if os.path.isabs(relpath) or not path.startswith(folder.rstrip(os.sep) + os.sep):
+        raise DataError(f"{what}: image path {relpath!r} is absolute or leaves the image folder {folder}; "
+                        "paths must be relative to it and stay inside it")
+    return path
+
+
 def items_from_split(entries: Sequence, image_dir: str, what: str) -> list[tuple[str, int, str]]:
-    """Validate CoOp split entries ``[relpath, label, classname]`` and join the paths to ``image_dir``."""
+    """Validate CoOp split entries ``[relpath, label, classname]`` and join the paths to ``image_dir`` (each
+    must stay inside it: :func:`path_under`)."""
     out = []
     for entry in entries:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
@@ -153,7 +165,7 @@ def items_from_split(entries: Sequence, image_dir: str, what: str) -> list[tuple
             label = int(label)
         except (TypeError, ValueError):
             raise DataError(f"{what}: label {label!r} of {relpath!r} is not an integer") from None
-        out.append((os.path.abspath(os.path.join(image_dir, str(relpath))), label, str(classname)))
+        out.append((path_under(image_dir, str(relpath), what), label, str(classname)))
     return out
 
 

@@ -28,6 +28,7 @@ from vlprompt.data.base import (
     git_blob_sha1,
     items_from_split,
     list_images,
+    path_under,
     list_subfolders,
     parse_split_json,
     to_datums,
@@ -172,7 +173,7 @@ def build_custom_csv(
 ) -> DatasetSplits:
     """A CSV of ``path,label[,split]`` rows (an optional header row starts with ``path``).
 
-    Paths are relative to the CSV's folder. Labels are integers 0..C-1, or class names (then labels follow
+    Paths are relative to the CSV's folder and stay inside it (no absolute paths, no ``../``). Labels are integers 0..C-1, or class names (then labels follow
     the sorted names). ``classnames_file`` has one class name per line: line i names label i (integer
     labels) or fixes the label order (name labels). ``split`` is train / val / test (no val rows: val =
     test); without a split column :func:`split_by_class` splits each class.
@@ -214,7 +215,8 @@ def build_custom_csv(
             raise DataError(f"custom_csv: classes {unknown[:5]} are not in {classnames_file}")
         labels = [label_of[name] for name in raw_labels]
 
-    items = [Datum(os.path.join(base, row[0]), label, classnames[label]) for row, label in zip(rows, labels)]
+    items = [Datum(path_under(base, row[0], f"custom_csv {csv_path}"), label, classnames[label])
+             for row, label in zip(rows, labels)]
     if with_split:
         by_split: dict[str, list[Datum]] = {name: [] for name in SPLIT_FOLDERS}
         for row, item in zip(rows, items):

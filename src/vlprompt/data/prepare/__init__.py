@@ -18,7 +18,12 @@ How it stays safe to interrupt and to re-run:
 
 An interrupted run leaves only the temporary folder (it holds a ``.vlprompt-staging`` file saying so); the
 next run deletes it and starts again. Nothing outside it is ever deleted or overwritten: an existing,
-non-empty dataset folder that does not verify is an error that says what to do.
+non-empty dataset folder that does not verify is an error that says what to do. A dataset folder that is a
+symbolic link (to an empty folder, or to none yet) is prepared where it points, the temporary folder beside
+that.
+
+Archives are extracted by :func:`~vlprompt.data.prepare.files.extract`: a member named with an absolute path or
+``..`` is refused, and so is an archive that would unpack to more than :class:`ExtractLimits` allow.
 
 Downloads (``download=True``) go to ``root/downloads/`` through ``*.part`` files, are md5-checked where the
 sum is published, and are kept (a re-run uses them). A host that does not answer within ``timeout`` seconds
@@ -38,6 +43,7 @@ from vlprompt.data.base import read_verified
 from vlprompt.data.prepare.convert import Step
 from vlprompt.data.prepare.files import (
     NETWORK_ERRORS,
+    ExtractLimits,
     describe_network_error,
     extract,
     fetch,
@@ -51,7 +57,7 @@ from vlprompt.data.registry import dataset_info
 from vlprompt.data.standard import BLOBS, USER_SPLIT_SOURCES
 from vlprompt.errors import ConfigError, DataError
 
-__all__ = ["RECIPES", "MissingFiles", "PrepareResult", "check", "instructions", "prepare"]
+__all__ = ["RECIPES", "ExtractLimits", "MissingFiles", "PrepareResult", "check", "instructions", "prepare"]
 
 MARKER = ".vlprompt-prepared.json"
 STAGING_SENTINEL = ".vlprompt-staging"
@@ -273,6 +279,21 @@ def _staging(root: str, recipe: Recipe) -> str:
     return os.path.join(root, f".vlprompt-prepare-{recipe.folder}")
 
 
+def _real_target(target: str) -> str:
+    """The dataset folder to create: ``target``, or where it points when it is a symbolic link (the result is
+    built next to the link's target and renamed onto it, so the link then leads to the dataset)."""
+    if not os.path.islink(target):
+        return target
+    real = os.path.realpath(target)
+    if not os.path.isdir(os.path.dirname(real)):
+        raise DataError(f"{target} is a symbolic link to {real}, whose parent folder does not exist; create "
+                        f"{os.path.dirname(real)} or remove the link")
+    if os.path.lexists(real) and not os.path.isdir(real):
+        raise DataError(f"{target} is a symbolic link to {real}, which is not a folder; remove the link or "
+                        "point it at a folder")
+    return real
+
+
 def _remove_staging(staging: str, strict: bool = True) -> None:
     """Delete a temporary folder left by an earlier run; anything else with its name is not ours to delete."""
     if not os.path.lexists(staging):
@@ -299,8 +320,9 @@ def _descend(content: str) -> str:
 class _Builder:
     """Fills ``dataset_dir`` (inside the temporary folder) from the inputs, following the recipe."""
 
-    def __init__(self, recipe: Recipe, dataset_dir: str, work: str, inputs: list[Input], log):
-        self.recipe, self.dataset_dir, self.work, self.log = recipe, dataset_dir, work, log
+    def __init__(self, recipe: Recipe, dataset_dir: str, work: str, inputs: list[Input], log,
+                 limits: ExtractLimits):
+        self.recipe, self.dataset_dir, self.work, self.log, self.limits = recipe, dataset_dir, work, log, limits
         self.others = {i.download.filename: i.path for i in inputs}
 
     def content(self, item: Input) -> tuple[str, bool]:
@@ -315,7 +337,7 @@ class _Builder:
             )
         self.log(f"extracting {item.path}")
         out = os.path.join(self.work, d.filename)
-        extract(item.path, out, self.log, md5=d.md5, size=d.size)
+        extract(item.path, out, self.log, limits=self.limits, md5=d.md5, size=d.size)
         content = os.path.join(out, d.top)
         if not os.path.isdir(content):
             found = ", ".join(sorted(os.listdir(out))[:5]) or "nothing"
@@ -340,7 +362,8 @@ class _Builder:
         d = item.download
         if d.convert is not None:
             self.log(f"converting {item.path}")
-            d.convert(Step(item.path, item.is_folder, self.dataset_dir, self.work, self.others, self.log))
+            d.convert(Step(item.path, item.is_folder, self.dataset_dir, self.work, self.others, self.log,
+                           self.limits))
             return
         if not (d.place or d.nested):
             return  # read by a converter (the ImageNet devkit)
@@ -412,20 +435,22 @@ def prepare(
     download: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     log: Callable[[str], None] | None = None,
+    limits: ExtractLimits = ExtractLimits(),
 ) -> PrepareResult:
     """Arrange dataset ``name`` under data root ``root`` from its official files, verified.
 
     ``sources`` are the official archives, plain files, split file, or folders (the folder an archive extracts
     to, or a folder holding the downloads); files already in ``root/downloads/`` are used too. ``download``
-    fetches missing files whose host still serves them (``timeout`` seconds per network wait). Raises
+    fetches missing files whose host still serves them (``timeout`` seconds per network wait); ``limits``
+    bounds what each archive may unpack to (:class:`ExtractLimits`). Raises
     :class:`MissingFiles` (with :func:`instructions`) when files are missing, :class:`DataError` for a wrong
     or damaged file, naming it and what was expected. Safe to interrupt and re-run (see the module docs).
     """
     log = log or (lambda message: None)
     recipe = recipe_for(name)
     root = os.path.abspath(os.path.expanduser(str(root)))
-    target = os.path.join(root, recipe.folder)
-    staging = _staging(root, recipe)
+    target = _real_target(os.path.join(root, recipe.folder))
+    staging = _staging(os.path.dirname(target), recipe)
     downloads = os.path.join(root, DOWNLOADS)
     kept = [os.path.join(downloads, f) for f in sorted(os.listdir(downloads))] if os.path.isdir(downloads) else []
     inputs, split = find_inputs(recipe, list(sources), log)
@@ -478,7 +503,7 @@ def prepare(
                    "deletes it. Safe to delete.\n")
     staged_root = os.path.join(staging, "root")
     dataset_dir = os.path.join(staged_root, recipe.folder)
-    builder = _Builder(recipe, dataset_dir, os.path.join(staging, "work"), inputs, log)
+    builder = _Builder(recipe, dataset_dir, os.path.join(staging, "work"), inputs, log, limits)
     try:
         for item in sorted(inputs, key=_order):
             builder.add(item)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vlprompt.data.base import parse_split_json
-from vlprompt.data.prepare.files import CORRUPT, Log, extract, link_file, link_tree
+from vlprompt.data.prepare.files import CORRUPT, ExtractLimits, Log, extract, link_file, link_tree
 from vlprompt.data.standard import packaged
 from vlprompt.errors import DataError
 
@@ -32,6 +32,7 @@ class Step:
     work: str
     others: dict[str, str] = field(default_factory=dict)  # filename -> path of the other inputs
     log: Log = print
+    limits: ExtractLimits = ExtractLimits()
 
 
 def _subfolders(path: str) -> list[str]:
@@ -53,7 +54,8 @@ def imagenet_train(step: Step) -> None:
             link_tree(step.path, dest)
             return
         for done, name in enumerate(class_tars):
-            extract(os.path.join(step.path, name), os.path.join(dest, name[: -len(".tar")]), step.log)
+            extract(os.path.join(step.path, name), os.path.join(dest, name[: -len(".tar")]), step.log,
+                    limits=step.limits)
             if done % 100 == 99:
                 step.log(f"  {done + 1} of {len(class_tars)} classes")
         return
@@ -65,7 +67,8 @@ def imagenet_train(step: Step) -> None:
                     continue
                 wnid = os.path.basename(member.name)[: -len(".tar")]
                 inner = outer.extractfile(member)
-                extract(f"{step.path}:{member.name}", os.path.join(dest, wnid), step.log, fileobj=inner)
+                extract(f"{step.path}:{member.name}", os.path.join(dest, wnid), step.log, fileobj=inner,
+                        archive_bytes=member.size, limits=step.limits)
                 done += 1
                 if done % 100 == 0:
                     step.log(f"  {done} classes")
@@ -91,7 +94,7 @@ def _val_wnids(step: Step) -> list[str]:
             "sorted into wnid folders (torchvision's ImageNet(root, split='val') makes one)"
         ) from None
     if not os.path.isdir(devkit):
-        extract(devkit, os.path.join(step.work, "devkit"), step.log)
+        extract(devkit, os.path.join(step.work, "devkit"), step.log, limits=step.limits)
         devkit = os.path.join(step.work, "devkit", "ILSVRC2012_devkit_t12")
     meta_file = os.path.join(devkit, "data", "meta.mat")
     truth_file = os.path.join(devkit, "data", "ILSVRC2012_validation_ground_truth.txt")
@@ -128,7 +131,8 @@ def imagenet_val(step: Step) -> None:
         return f"{wnids[index - 1]}/{os.path.basename(name)}"
 
     if not step.is_folder:
-        extract(step.path, dest, step.log, rename=sorted_name, md5="29b22e2961454d5413ddabcf34fc5622")
+        extract(step.path, dest, step.log, rename=sorted_name, limits=step.limits,
+                md5="29b22e2961454d5413ddabcf34fc5622")
         return
     for name in sorted(os.listdir(step.path)):
         target = sorted_name(name)

@@ -1,7 +1,9 @@
 """File plumbing for ``vlprompt data prepare``: safe extraction, linking folders, downloading with a deadline.
 
 Nothing here deletes or writes outside the destination it is given; the caller passes paths inside its
-temporary folder.
+temporary folder. Extraction refuses members named with an absolute path or a ``..`` component (zip and tar
+alike), links leaving the destination (tar), and archives that would unpack to more than
+:class:`ExtractLimits` allow (an archive bomb), before writing the member that crosses the limit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tarfile
 import threading
 import zipfile
 import zlib
+from dataclasses import dataclass
 from typing import Callable
 from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
@@ -27,6 +30,59 @@ CHUNK = 1 << 20
 CORRUPT = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 UNSAFE = getattr(tarfile, "FilterError", ())  # Python >= 3.10.12 / 3.11.4
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """How much one archive may unpack to: ``max_bytes`` in all, and ``max_ratio`` times its own size plus
+    ``allowance`` (so that a small archive of text files is not refused).
+
+    The official archives hold images, which do not compress: they unpack to about their own size (ImageNet's
+    train tar, the largest, to 138 GB). An archive far above that is a bomb, or not the official file.
+    """
+
+    max_bytes: int = 300 * 10**9
+    max_ratio: float = 20.0
+    allowance: int = 32 * 10**6
+
+    def budget(self, archive_bytes: int) -> tuple[int, str]:
+        """The most bytes an archive of ``archive_bytes`` may unpack to, and which limit sets it."""
+        by_ratio = int(self.max_ratio * archive_bytes) + self.allowance
+        if by_ratio <= self.max_bytes:
+            return by_ratio, f"{self.max_ratio:g} times its size of {human_bytes(archive_bytes)}, plus " \
+                             f"{human_bytes(self.allowance)}; --max-extract-ratio raises it"
+        return self.max_bytes, "the extraction size limit; --max-extract-size raises it"
+
+
+def human_bytes(count: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as download pages give sizes)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(count) < 1000:
+            return f"{count:.3g} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1000
+    return f"{count:.3g} TB"
+
+
+def parse_bytes(text: str) -> int:
+    """``"300GB"``, ``"1.5 TB"``, ``"500M"``, ``"1048576"`` -> bytes (decimal units; ``KiB``-style binary ones)."""
+    units = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    cleaned = str(text).strip().lower().replace(" ", "").removesuffix("b")
+    number = cleaned.rstrip("kmgti")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not value > 0:
+        raise ValueError(f"expected a size such as 500MB, 300GB or 1TB, got {text!r}")
+    return int(value * units[unit])
+
+
+def unsafe_member_name(name: str) -> bool:
+    """True for an archive member named with an absolute path or a ``..`` component (``2750/../x``)."""
+    normalized = name.replace("\\", "/")
+    return normalized.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in normalized.split("/")
 
 
 def is_archive(path: str) -> bool:
@@ -71,15 +127,30 @@ def _extract_member(archive, member, dest: str) -> None:
 
 
 def extract(path: str, dest: str, log: Log, *, rename: Callable[[str], str | None] | None = None,
-            fileobj=None, md5: str = "", size: str = "") -> int:
-    """Extract archive ``path`` (or the tar stream ``fileobj``) into ``dest``; returns the member count.
+            fileobj=None, archive_bytes: int | None = None, limits: ExtractLimits = ExtractLimits(),
+            md5: str = "", size: str = "") -> int:
+    """Extract archive ``path`` (or the tar stream ``fileobj`` of ``archive_bytes`` bytes) into ``dest``;
+    returns the member count.
 
-    Members are extracted one by one with tarfile's ``data`` filter (no absolute paths, no ``..``, no links
-    leaving ``dest``); zip member names are sanitised by :mod:`zipfile`. ``rename(name)`` may give a member a
-    new relative name (``None`` skips it). A truncated or corrupt archive is a :class:`DataError` naming it.
+    A member named with an absolute path or a ``..`` component is refused (zip and tar); tar members then go
+    through tarfile's ``data`` filter (no links leaving ``dest``). The members' sizes, as their headers declare
+    them (zipfile and tarfile never write more), are added up before each is written: past
+    ``limits.budget(archive_bytes)`` the archive is refused. ``rename(name)`` may give a member a new relative
+    name (``None`` skips it). A truncated or corrupt archive is a :class:`DataError` naming it.
     """
     os.makedirs(dest, exist_ok=True)
-    count = 0
+    budget, which = limits.budget(os.path.getsize(path) if archive_bytes is None else archive_bytes)
+    count = total = 0
+
+    def admit(member_name: str, member_bytes: int) -> None:
+        nonlocal total
+        if unsafe_member_name(member_name):
+            raise DataError(f"{path} holds a member that would be written outside the data root "
+                            f"({member_name!r}); this is not the official archive")
+        total += member_bytes
+        if total > budget:
+            raise DataError(f"{path} unpacks to more than {human_bytes(budget)} ({which}); refusing it as a "
+                            "possible archive bomb, or not the official file")
 
     def keep(member_name: str) -> str | None:
         return member_name if rename is None else rename(member_name)
@@ -87,7 +158,10 @@ def extract(path: str, dest: str, log: Log, *, rename: Callable[[str], str | Non
     try:
         if fileobj is None and path.lower().endswith(".zip"):
             with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
+                members = archive.infolist()
+                for info in members:  # the zip directory lists every member: check them all before writing
+                    admit(info.filename, info.file_size)
+                for info in members:
                     if (name := keep(info.filename)) is None:
                         continue
                     info.filename = name
@@ -97,6 +171,7 @@ def extract(path: str, dest: str, log: Log, *, rename: Callable[[str], str | Non
             mode = "r|*" if fileobj is not None else "r:*"
             with tarfile.open(None if fileobj is not None else path, mode, fileobj=fileobj) as archive:
                 for member in archive:
+                    admit(member.name, member.size if member.isfile() else 0)
                     if (name := keep(member.name)) is None:
                         continue
                     member.name = name
