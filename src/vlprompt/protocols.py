@@ -33,7 +33,7 @@ from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine import distributed
 from vlprompt.engine.config import RunConfig, build_config, normalize_protocol
 from vlprompt.engine.evaluate import evaluate
-from vlprompt.engine.runs import RunFolder, environment, run_dir
+from vlprompt.engine.runs import RunFolder, environment, run_dir, run_identity
 from vlprompt.engine.trainer import fit, resolve_device
 
 log = logging.getLogger("vlprompt")
@@ -94,43 +94,79 @@ def run_experiment(config: RunConfig, *, overwrite: bool = False) -> dict[str, A
     """
     world = distributed.init(resolve_device(config.device))
     folder = RunFolder(run_dir(config))
-    status = distributed.on_main(folder.prepare, config, overwrite=overwrite)
-    if status == "finished":
-        log.info("%s: finished already (use --overwrite to run it again)", folder.path)
-        return distributed.on_main(folder.results)
-    with folder.logging_to_file(log) if world.main else contextlib.nullcontext():
-        log.info("%s run %s%s", "resuming" if status == "partial" else "starting", folder.path,
-                 f" on {world.size} processes ({world.backend})" if world.size > 1 else "")
-        return _run(config, folder, world)
+    # Data, then weights, then the method: what is missing or wrong fails before the run folder exists.
+    inputs = None if folder.finished and not overwrite else _load_inputs(config)
+    with contextlib.ExitStack() as claimed:
+        # Rank 0 alone holds the folder's lock, for the whole run, and checks the stored identity; every rank
+        # gets its status, or its error (another identity, another process in the folder).
+        status = distributed.on_main(lambda: claimed.enter_context(folder.claim(config, overwrite=overwrite)))
+        if status == "finished":
+            log.info("%s: finished already, same settings (use --overwrite to run it again)", folder.path)
+            return distributed.on_main(folder.results)
+        with folder.logging_to_file(log) if world.main else contextlib.nullcontext():
+            log.info("%s run %s%s", "resuming" if status == "partial" else "starting", folder.path,
+                     f" on {world.size} processes ({world.backend})" if world.size > 1 else "")
+            return _run(config, folder, world, inputs or _load_inputs(config))
 
 
-def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict[str, Any]:
-    from vlprompt.backbone import describe, load_clip
-    from vlprompt.data import ImageDataset, build_dataset, build_transform, sample_few_shot, subsample_classes
-    from vlprompt.data.fewshot import FewShotWarning, short_classes, shortfall_message
+@dataclass
+class RunInputs:
+    """What a run reads before it writes anything (:func:`_load_inputs`)."""
+
+    started: float  # time.perf_counter() when loading began
+    device: Any
+    splits: Any  # the k-shot DatasetSplits of every class
+    train_splits: Any  # the classes the protocol trains on
+    eval_sets: list  # (label, dataset name, class set, DatasetSplits) of each evaluation
+    clip: Any
+    method: Any
+
+
+def _load_inputs(config: RunConfig) -> RunInputs:
+    """The run's data, then its backbone, then its method.
+
+    Data first: a wrong data root is reported as such, not after (or hidden behind) a weights download; every
+    evaluation target is read here too, not after hours of training. Loading the backbone does not change the
+    random state that sampling the shots left (:func:`~vlprompt.backbone.load_clip`), so the method's prompts are
+    initialised exactly as when the backbone was loaded first.
+    """
+    from vlprompt.backbone import load_clip
+    from vlprompt.data import build_dataset, sample_few_shot, subsample_classes
+    from vlprompt.data.fewshot import FewShotWarning
     from vlprompt.methods import build_method
 
     started = time.perf_counter()
     protocol = get_protocol(config.protocol)
     device = resolve_device(config.device)
+    # Seeds Python/NumPy/torch with the run seed, then draws the k-shot subset (Dassl's order of calls).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewShotWarning)  # logged by _run, so that the run's log has it too
+        splits = sample_few_shot(build_dataset(config.data.dataset, config.data.root, **config.data.options),
+                                 config.data.shots, config.seed, cache_dir=config.data.cache_dir)
+    train_splits = subsample_classes(splits, protocol.train_classes)
+    eval_sets = _evaluation_sets(config, protocol, splits, subsample_classes, build_dataset)
     clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
     if config.backbone.grad_checkpointing:
         clip.set_grad_checkpointing(True)
+    method = build_method(config.method.name, clip, train_splits.classnames, train_splits.template,
+                          **config.method.options).to(device)
+    return RunInputs(started, device, splits, train_splits, eval_sets, clip, method)
+
+
+def _run(config: RunConfig, folder: RunFolder, world: distributed.World, inputs: RunInputs) -> dict[str, Any]:
+    from vlprompt.backbone import describe
+    from vlprompt.data import ImageDataset, build_transform
+    from vlprompt.data.fewshot import short_classes, shortfall_message
+
+    started, device, clip, method = inputs.started, inputs.device, inputs.clip, inputs.method
+    splits, train_splits = inputs.splits, inputs.train_splits
+    protocol = get_protocol(config.protocol)
     train_transform = build_transform(True, clip.image_size, clip.image_mean, clip.image_std,
                                       crop_scale=config.data.crop_scale)
     test_transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
-
-    # Seeds Python/NumPy/torch with the run seed, then draws the k-shot subset (Dassl's order of calls).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FewShotWarning)  # logged below, so that the run's log has it too
-        splits = sample_few_shot(build_dataset(config.data.dataset, config.data.root, **config.data.options),
-                                 config.data.shots, config.seed, cache_dir=config.data.cache_dir)
     short = short_classes(splits, config.data.shots)  # recorded in results.json
     if short:
         log.warning(shortfall_message(splits, config.data.shots, short))
-    train_splits = subsample_classes(splits, protocol.train_classes)
-    method = build_method(config.method.name, clip, train_splits.classnames, train_splits.template,
-                          **config.method.options).to(device)
     log.info("%s (preset %s) on %s, %s classes: %d training images of %d classes (%d shots, seed %d); backbone "
              "%s on %s, %s", config.method.name, config.preset, config.data.dataset, protocol.train_classes,
              len(train_splits.train), train_splits.num_classes, config.data.shots, config.seed, clip.name, device,
@@ -184,9 +220,8 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
             ckpt.save_prompts(folder.prompts_file, method.prompt_state_dict(), metadata)
 
     evaluations: dict[str, Any] = {}
-    eval_sets = _evaluation_sets(config, protocol, splits, subsample_classes, build_dataset)
     eval_seconds = 0.0
-    for label, dataset_name, class_set, target in eval_sets:
+    for label, dataset_name, class_set, target in inputs.eval_sets:
         method.set_classnames(target.classnames, target.template)
         reason = method.unavailable_reason(target.classnames)
         if reason is not None:  # e.g. a linear probe on unseen classes: no number rather than an invented one
@@ -231,13 +266,14 @@ def _run(config: RunConfig, folder: RunFolder, world: distributed.World) -> dict
         folder.write_results(results)
         if os.path.isfile(folder.checkpoint_file):
             os.remove(folder.checkpoint_file)  # the resume state is no longer needed; prompts.safetensors stays
-    log.info("results: %s", ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in results["metrics"].items()))
+    log.info("results: %s", ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}"
+                                      for k, v in results["metrics"].items()))
     return distributed.broadcast_object(results)  # also waits for rank 0's writes
 
 
 def _trained_earlier(config: RunConfig, folder: RunFolder) -> tuple[dict, dict] | None:
     """The prompts and metadata of a run whose training finished earlier (or the sibling transfer protocol's,
-    copied in); None if it must train — then metrics past its checkpoint (if any) are dropped."""
+    copied in); None if it must train — then metrics.jsonl is made to hold the epochs of its checkpoint."""
     shared = None if os.path.isfile(folder.prompts_file) else _trained_sibling(config)
     if shared is not None:  # cross_dataset and cross_domain evaluate the same source model (METHOD_SPEC §4.5)
         log.info("reusing the prompts trained by %s (same source training)", shared.path)
@@ -246,12 +282,8 @@ def _trained_earlier(config: RunConfig, folder: RunFolder) -> tuple[dict, dict] 
             shutil.copyfile(shared.metrics_file, folder.metrics_file)
     if os.path.isfile(folder.prompts_file):
         return ckpt.load_prompts(folder.prompts_file)
-    if os.path.isfile(folder.checkpoint_file):
-        state = ckpt.load_checkpoint(folder.checkpoint_file)
-        names = state["stage_names"]
-        done = {name: (state["epoch"] if i == state["stage"] else 10**9) for i, name in enumerate(names)
-                if i <= state["stage"]}
-        folder.keep_metrics(done)
+    folder.restore_metrics(ckpt.load_checkpoint(folder.checkpoint_file)
+                           if os.path.isfile(folder.checkpoint_file) else None)
     return None
 
 
@@ -265,13 +297,15 @@ def _trained_sibling(config: RunConfig) -> RunFolder | None:
     if not (os.path.isfile(sibling.prompts_file) and os.path.isfile(sibling.config_file)):
         return None
 
-    def training_identity(run_config: RunConfig) -> dict:
-        identity = run_config.identity()
-        identity.pop("protocol")
-        identity["eval"].pop("targets")
-        return identity
+    def training_part(identity: dict) -> dict:
+        return {**identity, "protocol": None, "eval": {**identity["eval"], "targets": None}}
 
-    return sibling if training_identity(sibling.config()) == training_identity(config) else None
+    stored = sibling.stored_identity()
+    if stored is None:  # a folder written before identity.json existed
+        stored, ours = sibling.config().identity(), config.identity()
+    else:
+        ours = run_identity(config)
+    return sibling if training_part(stored) == training_part(ours) else None
 
 
 def _evaluation_sets(config: RunConfig, protocol: Protocol, splits, subsample_classes, build_dataset):

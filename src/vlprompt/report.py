@@ -48,8 +48,13 @@ class Stat:
         mean = sum(values) / len(values)
         return cls(mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), len(values))
 
+    @property
+    def spread(self) -> float | None:
+        """The std over seeds, or None where there is none to show (a derived number, a single seed)."""
+        return None if self.std is None or self.n < 2 else self.std
+
     def __str__(self) -> str:
-        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+        return f"{self.mean:.2f}" if self.spread is None else f"{self.mean:.2f} ± {self.std:.2f}"
 
 
 @dataclass
@@ -83,9 +88,8 @@ class Table:
                 out = []
                 for i, cell in enumerate(row):
                     if i in stat_columns:
-                        out += [cell.mean, cell.std] if isinstance(cell, Stat) else ["", ""]
-                        if isinstance(cell, Stat) and cell.std is None:
-                            out[-1] = ""
+                        out += [cell.mean, "" if cell.spread is None else cell.std] if isinstance(cell, Stat) \
+                            else ["", ""]
                     else:
                         out.append(cell)
                 writer.writerow(out)
@@ -113,6 +117,18 @@ def method_label(result: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
+def backbone_label(result: dict[str, Any]) -> str:
+    """The backbone of a run as its results.json names it, e.g. ``ViT-B-16-quickgelu/openai`` or ``toy``
+    (``–`` for results that do not say)."""
+    backbone = result.get("backbone")
+    return str((backbone.get("name") if isinstance(backbone, dict) else backbone) or "–")
+
+
+def method_key(result: dict[str, Any]) -> tuple[str, str]:
+    """``(method label, backbone)``: the tables keep runs on different backbones in separate rows."""
+    return method_label(result), backbone_label(result)
+
+
 def _group(results: Iterable[dict], *keys) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for result in results:
@@ -135,9 +151,10 @@ def _ordered(names: Iterable[str]) -> list[str]:
 
 
 def base2new_table(results: list[dict]) -> Table:
-    table = Table("base2new", PROTOCOL_TITLES["base2new"], ["dataset", "method", "base", "new", "H", "seeds"])
-    per_method: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    groups = _group(results, "dataset", method_label)
+    table = Table("base2new", PROTOCOL_TITLES["base2new"],
+                  ["dataset", "method", "backbone", "base", "new", "H", "seeds"])
+    per_method: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
+    groups = _group(results, "dataset", method_key)
     methods = sorted({m for _, m in groups})
     for dataset in _ordered(d for d, _ in groups):
         for method in methods:
@@ -145,39 +162,63 @@ def base2new_table(results: list[dict]) -> Table:
             if not runs:
                 continue
             base = Stat.of([r["metrics"]["base"] for r in runs])
-            new = Stat.of([r["metrics"]["new"] for r in runs])
-            table.rows.append([dataset, method, base, new, Stat(harmonic_mean(base.mean, new.mean)), len(runs)])
+            news = [r["metrics"]["new"] for r in runs]
+            if None in news:  # a method that cannot classify unseen classes (the linear probe): base only
+                reason = not_available(runs, "new")
+                table.rows.append([dataset, *method, base, reason, reason, len(runs)])
+                per_method[method].append((base.mean, reason))
+                continue
+            new = Stat.of(news)
+            table.rows.append([dataset, *method, base, new, Stat(harmonic_mean(base.mean, new.mean)), len(runs)])
             per_method[method].append((base.mean, new.mean))
     for method in methods:
         pairs = per_method[method]
         base = sum(b for b, _ in pairs) / len(pairs)
+        reasons = [n for _, n in pairs if isinstance(n, str)]
+        if reasons:
+            table.rows.append([f"**Average over {len(pairs)} dataset{'s' * (len(pairs) != 1)}**", *method,
+                               Stat(base), reasons[0], reasons[0], ""])
+            continue
         new = sum(n for _, n in pairs) / len(pairs)
-        table.rows.append([f"**Average over {len(pairs)} dataset{'s' * (len(pairs) != 1)}**", method, Stat(base),
-                           Stat(new), Stat(harmonic_mean(base, new)), ""])
+        label = f"**Average over {len(pairs)} dataset{'s' * (len(pairs) != 1)}**"
+        # Papers differ in how they average H: most (CoCoOp, MaPLe, KgCoOp, PromptSRC) print H of the mean base and
+        # mean new, some the mean of the per-dataset H. Both, labelled; they differ when datasets differ.
+        table.rows.append([f"{label} H of mean base, mean new", *method, Stat(base), Stat(new),
+                           Stat(harmonic_mean(base, new)), ""])
+        if len(pairs) > 1:
+            per_dataset_h = sum(harmonic_mean(b, n) for b, n in pairs) / len(pairs)
+            table.rows.append([f"{label} mean of per-dataset H", *method, None, None, Stat(per_dataset_h), ""])
     return table
+
+
+def not_available(runs: list[dict], label: str) -> str:
+    """The table cell of an evaluation a method cannot make, with the reason its runs give."""
+    reasons = {r.get("not_available", {}).get(label) for r in runs} - {None}
+    return f"n/a ({'; '.join(sorted(reasons))})" if reasons else "n/a"
 
 
 def few_shot_table(results: list[dict]) -> Table:
     shots = sorted({r["shots"] for r in results})
-    table = Table("few_shot", PROTOCOL_TITLES["few_shot"], ["dataset", "method"] + [f"{k} shots" for k in shots])
-    groups = _group(results, "dataset", method_label, "shots")
+    table = Table("few_shot", PROTOCOL_TITLES["few_shot"],
+                  ["dataset", "method", "backbone"] + [f"{k} shots" for k in shots])
+    groups = _group(results, "dataset", method_key, "shots")
     methods = sorted({m for _, m, _ in groups})
-    means: dict[tuple[str, int], dict[str, float]] = defaultdict(dict)
+    means: dict[tuple[tuple[str, str], int], dict[str, float]] = defaultdict(dict)
     datasets = _ordered(d for d, _, _ in groups)
     for dataset in datasets:
         for method in methods:
-            row: list[Any] = [dataset, method]
+            row: list[Any] = [dataset, *method]
             for k in shots:
                 runs = groups.get((dataset, method, k))
                 stat = Stat.of([r["metrics"]["accuracy"] for r in runs]) if runs else None
                 if stat is not None:
                     means[(method, k)][dataset] = stat.mean
                 row.append(stat)
-            if any(isinstance(cell, Stat) for cell in row[2:]):
+            if any(isinstance(cell, Stat) for cell in row[3:]):
                 table.rows.append(row)
     for method in methods:
         method_datasets = {d for (m, _), values in means.items() if m == method for d in values}
-        row = [f"**Average over {len(method_datasets)} dataset{'s' * (len(method_datasets) != 1)}**", method]
+        row = [f"**Average over {len(method_datasets)} dataset{'s' * (len(method_datasets) != 1)}**", *method]
         for k in shots:
             values = means.get((method, k), {})
             # only where every dataset of the method has this shot count (else the average would be biased)
@@ -190,16 +231,18 @@ def few_shot_table(results: list[dict]) -> Table:
 def transfer_table(results: list[dict], protocol: str) -> Table:
     targets = _ordered(k for r in results for k in r["metrics"] if k not in ("source", "average"))
     table = Table(protocol, PROTOCOL_TITLES[protocol],
-                  ["source", "method", "source acc."] + targets + ["target average", "seeds"])
-    groups = _group(results, "dataset", method_label)
+                  ["source", "method", "backbone", "source acc."] + targets + ["target average", "seeds"])
+    groups = _group(results, "dataset", method_key)
     for source, method in sorted(groups):
         runs = groups[(source, method)]
 
-        def stat(key: str) -> Stat | None:
+        def stat(key: str) -> Stat | str | None:
             values = [r["metrics"][key] for r in runs if key in r["metrics"]]
+            if None in values:  # not available for this method (e.g. a linear probe on other classes)
+                return not_available(runs, key) if key != "average" else "n/a"
             return Stat.of(values) if values else None
 
-        table.rows.append([source, method, stat("source")] + [stat(t) for t in targets] +
+        table.rows.append([source, *method, stat("source")] + [stat(t) for t in targets] +
                           [stat("average"), len(runs)])
     return table
 
@@ -257,7 +300,7 @@ def plot_few_shot(results: list[dict], path: str) -> bool:
     plt = _pyplot()
     if plt is None or not results:
         return False
-    groups = _group(results, "dataset", method_label, "shots")
+    groups = _group(results, "dataset", method_key, "shots")
     datasets = _ordered(d for d, _, _ in groups)
     methods = sorted({m for _, m, _ in groups})
     shot_counts = sorted({k for _, _, k in groups})
@@ -277,7 +320,7 @@ def plot_few_shot(results: list[dict], path: str) -> bool:
                     points.append((k, stat.mean, stat.std))
             if points:
                 axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
-                              marker="o", capsize=3, label=method)
+                              marker="o", capsize=3, label=" on ".join(method))
         axis.set_xscale("log", base=2)
         axis.set_xticks(shot_counts, [str(k) for k in shot_counts])  # 1, 2, 4, ... rather than 2^0, 2^1, ...
         axis.minorticks_off()
@@ -295,17 +338,18 @@ def plot_base2new(table: Table, path: str) -> bool:
     if plt is None or not table.rows:
         return False
     panels = list(dict.fromkeys(row[0] for row in table.rows))
-    methods = sorted({row[1] for row in table.rows})
-    values = {(row[0], row[1]): row[2:5] for row in table.rows}
+    methods = sorted({(row[1], row[2]) for row in table.rows})  # (method, backbone)
+    values = {(row[0], row[1], row[2]): row[3:6] for row in table.rows}
     figure, axes = _panel_grid(plt, len(panels))
     width = 0.8 / len(methods)
     for axis, panel in zip(axes, panels):
         for i, method in enumerate(methods):
-            stats = values.get((panel, method))
+            stats = values.get((panel, *method))
             if stats is None:
                 continue
+            stats = [s if isinstance(s, Stat) else Stat(math.nan) for s in stats]  # "n/a" cells: no bar
             axis.bar([j + i * width for j in range(3)], [s.mean for s in stats], width,
-                     yerr=[s.std or 0.0 for s in stats], capsize=2, label=method)
+                     yerr=[s.spread or 0.0 for s in stats], capsize=2, label=" on ".join(method))
         axis.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(3)], ["base", "new", "H"])
         axis.set_title(panel.replace("**", ""))
         axis.set_ylabel("top-1 accuracy (%)")
@@ -317,7 +361,7 @@ def plot_base2new(table: Table, path: str) -> bool:
 def _headline(result: dict) -> tuple[str, float]:
     metrics = result["metrics"]
     for key in ("hm", "accuracy", "average", "source"):
-        if key in metrics:
+        if metrics.get(key) is not None:
             return {"hm": "H", "accuracy": "accuracy", "average": "target average", "source": "source"}[key], \
                 metrics[key]
     raise KeyError("no headline metric")
@@ -493,13 +537,13 @@ class Comparison:
 
 
 def _run_values(runs: list[dict], metric: str) -> list[float]:
-    return [r["metrics"][metric] for r in runs if metric in r["metrics"]]
+    return [r["metrics"][metric] for r in runs if r["metrics"].get(metric) is not None]
 
 
 def _ours(runs: list[dict], metric: str) -> Stat | None:
     """Our number for one cell. Base-to-new H is H of the mean base and mean new (the papers' convention); its
     spread is the std of the per-seed H values."""
-    if metric == "hm" and all(k in r["metrics"] for r in runs for k in ("base", "new")):
+    if metric == "hm" and all(r["metrics"].get(k) is not None for r in runs for k in ("base", "new")):
         base, new = Stat.of(_run_values(runs, "base")), Stat.of(_run_values(runs, "new"))
         return Stat(harmonic_mean(base.mean, new.mean), Stat.of(_run_values(runs, "hm")).std, len(runs))
     values = _run_values(runs, metric)
