@@ -33,14 +33,14 @@ def test_base2new_average_is_h_of_the_mean_base_and_mean_new(tmp_path):
             write_run(tmp_path, "base2new", dataset, "coop", seed, {"base": base, "new": new,
                                                                      "hm": 2 * base * new / (base + new)})
     (table,) = build_tables(load_results(str(tmp_path)))
-    dtd = row(table, "dtd", "coop")
-    assert (dtd[2].mean, dtd[2].std, dtd[3].mean, dtd[3].std) == (81.0, 1.0, 51.0, 1.0)
-    assert dtd[4].mean == pytest.approx(2 * 81 * 51 / 132) and dtd[5] == 2
+    dtd = row(table, "dtd", "coop", "–")  # no backbone in these results.json
+    assert (dtd[3].mean, dtd[3].std, dtd[4].mean, dtd[4].std) == (81.0, 1.0, 51.0, 1.0)
+    assert dtd[5].mean == pytest.approx(2 * 81 * 51 / 132) and dtd[6] == 2
     average = next(r for r in table.rows if str(r[0]).startswith("**Average over 2 datasets"))
     base, new = (81.0 + 94.0) / 2, (51.0 + 65.0) / 2
-    assert average[2].mean == base and average[3].mean == new
-    assert average[4].mean == pytest.approx(2 * base * new / (base + new))
-    assert str(average[4]) == f"{2 * base * new / (base + new):.2f}"
+    assert average[3].mean == base and average[4].mean == new
+    assert average[5].mean == pytest.approx(2 * base * new / (base + new))
+    assert str(average[5]) == f"{2 * base * new / (base + new):.2f}"
     # the papers' check: CoOp 82.69 / 63.22 -> 71.66
     assert f"{2 * 82.69 * 63.22 / (82.69 + 63.22):.2f}" == "71.66"
 
@@ -53,15 +53,15 @@ def test_few_shot_table_has_shots_as_columns_and_a_complete_average(tmp_path):
                           shots=shots)
     write_run(tmp_path, "few_shot", "dtd", "coop", 1, {"accuracy": 40.0}, shots=1)
     (table,) = build_tables(load_results(str(tmp_path)))
-    assert table.columns == ["dataset", "method", "1 shots", "2 shots", "4 shots"]
-    cell = row(table, "eurosat", "align")[3]
+    assert table.columns == ["dataset", "method", "backbone", "1 shots", "2 shots", "4 shots"]
+    cell = row(table, "eurosat", "align")[4]
     assert (cell.mean, cell.std, cell.n) == (pytest.approx(64.0), pytest.approx((2 / 3) ** 0.5), 3)
     assert str(cell) == "64.00 ± 0.82"
     average = next(r for r in table.rows if r[1] == "align" and str(r[0]).startswith("**Average"))
-    assert [c.mean for c in average[2:]] == pytest.approx([58.0, 59.0, 61.0])
+    assert [c.mean for c in average[3:]] == pytest.approx([58.0, 59.0, 61.0])
     coop_average = next(r for r in table.rows if r[1] == "coop" and str(r[0]).startswith("**Average"))
-    assert coop_average[2].mean == 40.0 and coop_average[3] is None  # no run -> no number
-    assert "| dtd | coop | 40.00 ± 0.00 | – | – |" in table.markdown()
+    assert coop_average[3].mean == 40.0 and coop_average[4] is None  # no run -> no number
+    assert "| dtd | coop | – | 40.00 | – | – |" in table.markdown()  # one seed: no "± 0.00"
 
 
 def test_transfer_tables_and_method_labels(tmp_path):
@@ -72,12 +72,12 @@ def test_transfer_tables_and_method_labels(tmp_path):
         write_run(tmp_path, "cross_domain", "imagenet", "align", seed, {"source": 71.0, "imagenet_v2": 65.0,
                                                                         "average": 65.0}, preset="paper", tag="t1")
     (table,) = build_tables(load_results(str(tmp_path)))
-    assert table.columns == ["source", "method", "source acc.", "imagenet_v2", "imagenet_sketch", "imagenet_a",
-                             "imagenet_r", "target average", "seeds"]
+    assert table.columns == ["source", "method", "backbone", "source acc.", "imagenet_v2", "imagenet_sketch",
+                             "imagenet_a", "imagenet_r", "target average", "seeds"]
     maple = row(table, "imagenet", "maple")
-    assert maple[2].mean == 71.5 and maple[2].std == 0.5 and maple[-1] == 2
+    assert maple[3].mean == 71.5 and maple[3].std == 0.5 and maple[-1] == 2
     align = row(table, "imagenet", "align-paper-t1")
-    assert align[3].mean == 65.0 and align[4] is None
+    assert align[4].mean == 65.0 and align[5] is None
 
 
 def test_write_report_markdown_csv_and_plots(tmp_path):

@@ -36,6 +36,12 @@ COMMAND_MODULES = [
 DEFAULT_THREADS = 1
 
 
+# What --backbone accepts, for every command that has it; each adds its own default.
+BACKBONE_HELP = ("an open_clip architecture, e.g. ViT-B-16-quickgelu, or 'toy': the small CLIP bundled with vlprompt "
+                 "(no download), pretrained only on the generated toy world for `vlprompt demo` and for trying the "
+                 "commands offline; it does not recognise real photographs")
+
+
 class CommandParser(argparse.ArgumentParser):
     """The parser of one command: options registered with :func:`defer_options` are added the first time it
     parses or prints help, so that building the whole ``vlprompt`` parser imports nothing heavy."""
@@ -139,19 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_key_values(pairs: list[str], option: str = "--option") -> dict:
-    """``["key=value", ...]`` given to ``option`` → ``{key: value}``, each value read as YAML (``3`` → 3,
-    ``[a, b]`` → a list, ``true`` → True; text YAML cannot read stays text; an empty value is "")."""
-    import yaml
+    """``["key=value", ...]`` given to ``option`` → ``{key: value}``, each value read as YAML with YAML 1.2's
+    numbers (``3`` → 3, ``2e-3`` → 0.002, ``[a, b]`` → a list, ``true`` → True; text YAML cannot read stays text;
+    an empty value is ""), as ``--set`` reads its values."""
+    from vlprompt.engine.config import read_yaml_value
 
     values = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{option} expects KEY=VALUE, got {pair!r}")
-        try:
-            values[key] = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            values[key] = text
+        values[key] = read_yaml_value(text)
     return values
 
 

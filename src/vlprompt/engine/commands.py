@@ -36,7 +36,7 @@ from vlprompt.engine.config import (
     preset_variants,
     to_yaml,
 )
-from vlprompt.cli import add_alias, add_threads_option, parse_key_values
+from vlprompt.cli import BACKBONE_HELP, add_alias, add_threads_option, parse_key_values
 from vlprompt.errors import ConfigError
 
 log = logging.getLogger("vlprompt")
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's")
     evaluate.add_argument("--batch-size", type=_int, help="test batch size (default: the run's)")
-    evaluate.add_argument("--backbone", help="architecture (default: the run's, else ViT-B-16-quickgelu)")
+    evaluate.add_argument("--backbone", help=f"{BACKBONE_HELP} (default: the run's or the prompts file's)")
     evaluate.add_argument("--pretrained", help="weights: open_clip tag, file or 'none' (default: the run's, else openai)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     add_threads_option(evaluate)
@@ -108,7 +108,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "matching runs; see `vlprompt reproduce --list`)")
     report.set_defaults(func=run_report)
 
-    methods = subparsers.add_parser("methods", help="list the methods and their presets per protocol")
+    methods = subparsers.add_parser("methods", help="list the methods, their presets and their options with defaults",
+                                    description="List every method with its presets per protocol and its options "
+                                    "with their defaults (change one with --set method.options.KEY=VALUE), and the "
+                                    "backbones the methods run on.")
+    methods.add_argument("names", nargs="*", metavar="NAME", help="only these methods (default: all)")
     methods.set_defaults(func=run_methods)
 
     sweep = subparsers.add_parser("sweep", help="run a grid of runs with parallel workers, or write a SLURM array",
@@ -148,8 +152,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_file", help="YAML file with config values (see --print-config)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=0.002 --set method.options.beta=0.5")
-    parser.add_argument("--backbone", help="open_clip architecture or 'tiny' (default ViT-B-16-quickgelu)")
-    parser.add_argument("--pretrained", help="open_clip tag (openai), a local weights file, or 'none'")
+    parser.add_argument("--backbone", help=f"{BACKBONE_HELP} (default ViT-B-16-quickgelu)")
+    parser.add_argument("--pretrained", help="open_clip tag (default openai), a local weights file, or 'none' "
+                        "(random weights)")
     parser.add_argument("--data-root", help="folder holding the datasets (custom_folder: the dataset folder)")
     parser.add_argument("--targets", type=_names, help="transfer targets (cross protocols), name or name@root")
     parser.add_argument("--output", help="runs folder (default: runs)")
@@ -336,9 +341,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from vlprompt.api import backbone_for, read_prompts
     from vlprompt.backbone import load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform, subsample_classes
-    from vlprompt.engine import checkpoint as ckpt
     from vlprompt.engine.checkpoint import atomic_write_text
     from vlprompt.engine.config import RunConfig
     from vlprompt.engine.evaluate import evaluate
@@ -346,25 +351,20 @@ def run_eval(args: argparse.Namespace) -> int:
     from vlprompt.engine.trainer import resolve_device
     from vlprompt.methods import build_method
 
-    if os.path.isfile(args.source):  # a prompts.safetensors file (e.g. from `vlprompt import-original`)
-        tensors, metadata = ckpt.load_prompts(args.source)
-        if "method" not in metadata:
-            raise ConfigError(f"{args.source} has no vlprompt header naming its method")
+    tensors, header = read_prompts(args.source)  # a run folder or a prompts file, its header checked
+    if os.path.isfile(args.source):  # a prompts.safetensors file (`vlprompt export`, `vlprompt import-original`)
         if not args.dataset:
             raise ConfigError("--dataset is required to evaluate a prompts file")
         config = RunConfig()
-        config.method.name, config.method.options = metadata["method"], dict(metadata.get("options") or {})
+        config.method.name, config.method.options = header["method"], dict(header.get("options") or {})
         config.data.dataset, config.data.options = args.dataset, {}
         out = f"{os.path.splitext(args.source)[0]}.eval-{args.dataset}-{args.classes}.json"
     else:
         folder = RunFolder(args.source)
         config = folder.config()
-        tensors, _ = ckpt.load_prompts(folder.prompts_file)
         out = os.path.join(folder.path, "eval", f"{args.dataset or config.data.dataset}-{args.classes}.json")
-    if args.backbone:
-        config.backbone.name = args.backbone
-    if args.pretrained:
-        config.backbone.pretrained = None if args.pretrained.lower() == "none" else args.pretrained
+    # The backbone the prompts were trained on, as predict, explain and vlprompt.load choose it.
+    config.backbone.name, config.backbone.pretrained = backbone_for(header, args.backbone, args.pretrained)
     dataset = args.dataset or config.data.dataset
     if dataset == config.data.dataset and not args.option:
         options = dict(config.data.options)
@@ -374,8 +374,8 @@ def run_eval(args: argparse.Namespace) -> int:
     precision = args.precision or config.precision
     device = resolve_device(args.device or config.device)
     with console_logging(args.quiet):
+        splits = subsample_classes(build_dataset(dataset, root, **options), args.classes)  # data before weights
         clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
-        splits = subsample_classes(build_dataset(dataset, root, **options), args.classes)
         method = build_method(config.method.name, clip, splits.classnames, splits.template,
                               **config.method.options).to(device)
         method.load_prompt_state_dict(tensors)
@@ -410,11 +410,17 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
-    import vlprompt.methods as methods
+def run_methods(args: argparse.Namespace) -> int:
+    import textwrap
 
+    import vlprompt.methods as methods
+    from vlprompt.methods.defaults import default_options
+
+    names = args.names or methods.available()
+    unknown = sorted(set(names) - set(methods.available()))
+    if unknown:
+        raise ConfigError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(methods.available())}")
     descriptions = getattr(methods, "DESCRIPTIONS", {})
-    names = methods.available()
     rows = []
     for name in names:
         variants = sorted({v for protocol in PROTOCOL_NAMES for v in preset_variants(name, protocol)} - {"default"})
@@ -427,7 +433,20 @@ def run_methods(args: argparse.Namespace) -> int:  # noqa: ARG001
     print(f"{'method':{width}}  {'presets':{preset_width}}  description")
     for name, presets, description in rows:
         print(f"{name:{width}}  {presets:{preset_width}}  {description}")
+    print("\nOptions and their defaults (change one with --set method.options.KEY=VALUE; a protocol's preset may "
+          "set some\nalready, and --print-config shows a run's values):")
+    for name in names:
+        options = ", ".join(f"{key}={_option_text(value)}" for key, value in default_options(name).items())
+        print(textwrap.fill(f"{name}: {options}", width=118, subsequent_indent="    ", break_on_hyphens=False))
+    print("\nBackbones (--backbone): any open_clip architecture, e.g. ViT-B-16-quickgelu --pretrained openai (the "
+          "papers'),\nor 'toy': the small CLIP bundled with vlprompt, pretrained only on the generated toy world "
+          "(vlprompt demo,\ntrying the commands offline); it does not recognise real photographs.")
     return 0
+
+
+def _option_text(value: Any) -> str:
+    """A default as --set reads it back (YAML): null, true, 0.1, "a photo of a", [7.0, 3.0]."""
+    return json.dumps(value) if value is None or isinstance(value, (bool, list, str)) else str(value)
 
 
 def _summary_line(results: dict[str, Any]) -> str:
