@@ -116,9 +116,36 @@ def read_prompts(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         tensors, header = load_prompts(path)
     else:
         raise RunNotFoundError(f"run folder or prompts file not found: {path}")
+    check_header(header, path)
+    return tensors, header
+
+
+# Header entries and their JSON types (docs/usage.md, "Prompts files"); "method" is required.
+HEADER_TYPES: dict[str, type | tuple[type, ...]] = {
+    "method": str, "options": dict, "backbone": str, "classnames": list, "template": str, "stages": list,
+    "config": dict, "training": dict,
+}
+
+
+def check_header(header: Any, path: str) -> None:
+    """Raise :class:`CheckpointError` naming the entry when a prompts header is not what vlprompt writes."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: its vlprompt header is not a JSON object (got {type(header).__name__})")
     if "method" not in header:
         raise CheckpointError(f"{path}: the prompts header names no method (not written by vlprompt?)")
-    return tensors, header
+    for key, kind in HEADER_TYPES.items():
+        value = header.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise CheckpointError(f"{path}: the prompts header's {key!r} must be a JSON "
+                                  f"{_JSON_NAMES[kind]}, got {value!r:.80}")
+    if not all(isinstance(name, str) for name in header.get("classnames") or []):
+        raise CheckpointError(f"{path}: the prompts header's 'classnames' must be a list of texts")
+    backbone = (header.get("config") or {}).get("backbone")
+    if backbone is not None and not (isinstance(backbone, dict) and isinstance(backbone.get("name", ""), str)):
+        raise CheckpointError(f"{path}: the prompts header's config.backbone must be an object with a 'name'")
+
+
+_JSON_NAMES = {str: "string", dict: "object", list: "array"}
 
 
 def backbone_of(header: dict[str, Any]) -> tuple[str, str | None]:
@@ -141,6 +168,19 @@ def backbone_of(header: dict[str, Any]) -> tuple[str, str | None]:
     if name in TINY_CONFIGS or name == "toy":
         return name, None
     return name, tag or BackboneConfig().pretrained
+
+
+def backbone_for(header: dict[str, Any], backbone: str | None = None,
+                 pretrained: str | os.PathLike | None = None) -> tuple[str, str | os.PathLike | None]:
+    """``(architecture, weights)`` to rebuild prompts on: the header's (:func:`backbone_of`) unless ``backbone`` or
+    ``pretrained`` (``"none"``: random weights) replace them. The one rule of ``vlprompt.load``, ``predict``,
+    ``explain`` and ``eval``."""
+    from vlprompt.backbone import weights_argument
+
+    name, weights = backbone_of(header)
+    if pretrained is not None:
+        weights = weights_argument(pretrained)
+    return backbone or name, weights
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu", backbone: str | None = None,
@@ -169,11 +209,8 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", backbone
     from vlprompt.methods import build_method
 
     tensors, header = read_prompts(source)
-    name, weights = backbone_of(header)
-    name = backbone or name
+    name, weights = backbone_for(header, backbone, pretrained)
     from_header = pretrained is None
-    if pretrained is not None:
-        weights = None if str(pretrained).lower() == "none" else pretrained
     device = resolve_device(device) if isinstance(device, str) else device
     try:
         clip = load_clip(name, weights, device=device)

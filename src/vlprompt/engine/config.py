@@ -22,6 +22,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import re
 import types
 import typing
@@ -57,16 +59,30 @@ class MethodConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def default_num_workers() -> int:
+    """Data-loader worker processes when the config names none: one per CPU this process may run on, at most 4.
+
+    More workers than CPUs only compete with the training for them (and make torch warn on every loader); on
+    a small or shared machine the default therefore follows the CPUs the process is allowed to use
+    (``os.sched_getaffinity``, which also honours ``taskset`` and container limits), not the machine's total.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 @dataclass
 class DataConfig:
-    """Which dataset, where, and how it is sampled and batched."""
+    """Which dataset, where, and how it is sampled and batched (``num_workers``: :func:`default_num_workers`)."""
 
     dataset: str = "caltech101"
     root: str = "data"
     options: dict[str, Any] = field(default_factory=dict)  # passed to build_dataset (custom datasets)
     shots: int = 16
     batch_size: int = 4
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)
     cache_dir: str | None = None  # few-shot subset cache; None = vlprompt's cache folder
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # train RandomResizedCrop scale (Dassl)
 
@@ -216,10 +232,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key = key.strip()
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_0-9][\w]*)*", key):
         raise ConfigError(f"--set expects key=value with a dotted key (e.g. optim.lr=0.002), got {text!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    value = read_yaml_value(raw)
     nested: dict[str, Any] = {}
     cursor = nested
     parts = key.split(".")
@@ -229,12 +242,37 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: ``2e-3`` and ``1e5`` are floats (YAML 1.1, which PyYAML
+    follows, wants a dot and a signed exponent and reads them as text), so ``--set optim.lr=2e-3`` is a number."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml_value(text: str) -> Any:
+    """A command-line value read as YAML (``3`` → 3, ``2e-3`` → 0.002, ``[a, b]`` → a list, ``true`` → True); text
+    YAML cannot read stays text, an empty value is ""."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
 def load_yaml(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (see --print-config for its keys)")
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=YamlLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -343,8 +381,12 @@ def build_config(
     protocol = normalize_protocol(str(probe.get("protocol", protocol)))
     _check_method(method_name)
     config = merge(RunConfig().to_dict(), {"protocol": protocol})
+    # The preset's by_shots / by_dataset entries follow the shots and dataset the run uses: the given ones,
+    # else the defaults (presets never set these two themselves).
+    defaults = DataConfig()
     config = merge(config, resolve_preset(method_name, protocol, preset_name,
-                                          dataset=data.get("dataset"), shots=data.get("shots")))
+                                          dataset=data.get("dataset", defaults.dataset),
+                                          shots=data.get("shots", defaults.shots)))
     config = merge(config, identity)
     user_optim = late.get("optim") if isinstance(late.get("optim"), Mapping) else {}
     if "epochs" in user_optim and "stop_epoch" not in user_optim:
@@ -369,6 +411,20 @@ def _check_method(name: str) -> None:
         raise ConfigError(f"method.name: unknown method {name!r}; choose one of {', '.join(names)}")
 
 
+def _check_method_options(name: str, options: dict[str, Any]) -> None:
+    """Names, types and choices of the method's options (:mod:`vlprompt.methods.options`)."""
+    from vlprompt.methods.options import check_options
+
+    check_options(name, options)
+
+
+def _check_backbone(name: str, pretrained: str | None) -> None:
+    """A known architecture, and an open_clip tag it has (local files are checked when read)."""
+    from vlprompt.backbone import check_backbone
+
+    check_backbone(name, pretrained)
+
+
 def _check_dataset(key: str, name: str) -> None:
     try:
         from vlprompt.data import available_datasets
@@ -379,6 +435,19 @@ def _check_dataset(key: str, name: str) -> None:
         raise ConfigError(f"{key}: unknown dataset {name!r}; choose one of {', '.join(names)}")
 
 
+def _check_finite(values: Any, key: str = "") -> None:
+    """Every number anywhere in the config (method options included) is finite: NaN or infinity in a learning
+    rate, a weight or a temperature only ever trains a model into NaN."""
+    if isinstance(values, Mapping):
+        for name, value in values.items():
+            _check_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, (list, tuple)):
+        for value in values:
+            _check_finite(value, key)
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{key} must be a finite number, got {values}")
+
+
 def _positive_int(key: str, value: int, minimum: int = 1) -> None:
     if value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value}")
@@ -386,8 +455,11 @@ def _positive_int(key: str, value: int, minimum: int = 1) -> None:
 
 def validate(config: RunConfig) -> None:
     """Raise :class:`ConfigError` for the first invalid value (message: key, value, what is allowed)."""
+    _check_finite(config.to_dict())
     normalize_protocol(config.protocol)
     _check_method(config.method.name)
+    _check_method_options(config.method.name, config.method.options)
+    _check_backbone(config.backbone.name, config.backbone.pretrained)
     _check_dataset("data.dataset", config.data.dataset)
     for target in config.eval.targets:  # "name" or "name@root"
         _check_dataset("eval.targets", target.partition("@")[0])

@@ -22,6 +22,10 @@ from vlprompt.methods.tip_adapter import build_tip_adapter, build_tip_adapter_f
 from vlprompt.methods.kgcoop import build_kgcoop
 from vlprompt.methods.promptsrc import build_promptsrc
 from vlprompt.methods.presets import build_from_preset
+from vlprompt.methods import clip_adapter, cocoop, kgcoop, linear_probe, tip_adapter  # their option defaults
+from vlprompt.methods.aple import ApleOptions
+from vlprompt.methods.options import check_options
+from vlprompt.methods.promptsrc import PromptSRCOptions
 
 # name -> (preset of AlignConfig values, one-line description); CoCoOp and APLe have their own classes.
 ALIGN_PRESETS: dict[str, tuple[dict, str]] = {
@@ -74,6 +78,18 @@ FACTORIES["tip_adapter_f"] = build_tip_adapter_f
 DESCRIPTIONS["tip_adapter_f"] = "Tip-Adapter-F: Tip-Adapter with the cache keys fine-tuned"
 
 
+# name -> the declarations of the options build_method accepts for it (dataclasses or mappings of defaults; see
+# vlprompt.methods.options): every method's options are checked against their types before anything is built.
+OPTIONS: dict[str, tuple] = {name: (AlignConfig,) for name in ALIGN_PRESETS}
+OPTIONS["cocoop"] = (cocoop.DEFAULTS,)
+OPTIONS["aple"] = (AlignConfig, ApleOptions)
+OPTIONS["kgcoop"] = (AlignConfig, {"kg_weight": kgcoop.DEFAULT_KG_WEIGHT})
+OPTIONS["promptsrc"] = (AlignConfig, PromptSRCOptions)
+OPTIONS["linear_probe"] = (linear_probe.DEFAULTS,)
+OPTIONS["clip_adapter"] = (clip_adapter.DEFAULTS,)
+OPTIONS["tip_adapter"] = OPTIONS["tip_adapter_f"] = (tip_adapter.DEFAULTS,)
+
+
 def available() -> list[str]:
     """Names accepted by :func:`build_method`."""
     return sorted(FACTORIES)
@@ -86,6 +102,7 @@ def build_method(name: str, clip: PromptableCLIP, classnames: Sequence[str], tem
         raise ConfigError(f"unknown method {name!r}; available: {', '.join(available())}")
     if not classnames:
         raise ConfigError(f"{name}: the class list is empty")
+    overrides = check_options(name, overrides, prefix=f"{name}: option ")
     return FACTORIES[name](clip, list(classnames), template, **overrides)
 
 
