@@ -20,6 +20,6 @@ def test_quick_demo_results_within_documented_bounds(tmp_path):
     assert zero_shot["base"] >= 11 and zero_shot["new"] >= 11  # chance is 5.6 %
     assert coop["base"] >= zero_shot["base"] + 3
     losses = [json.loads(line)["loss"] for line in
-              next((tmp_path / "demo" / "runs").rglob("coop-demo/**/metrics.jsonl")).read_text().splitlines()]
+              next((tmp_path / "demo" / "runs").rglob("coop-demo@toy/**/metrics.jsonl")).read_text().splitlines()]
     assert losses[-1] < losses[0]
     assert "toy_objects_sketch" in markdown and any(path.endswith(".png") for path in written)

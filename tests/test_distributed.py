@@ -129,7 +129,7 @@ def arguments(tree: Path, out: Path, seeds: str) -> list[str]:
 
 
 def run_folder(out: Path, seed: int) -> RunFolder:
-    return RunFolder(str(out / "few_shot" / "custom_folder" / "coop" / "shots_4" / f"seed_{seed}"))
+    return RunFolder(str(out / "few_shot" / "custom_folder-data" / "coop@tiny" / "shots_4" / f"seed_{seed}"))
 
 
 def test_two_processes_train_resume_and_evaluate_like_one(tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ def test_finished_run_is_kept_unless_overwrite_and_corrupt_images_are_counted(tm
         results = run_experiment(cfg2, overwrite=True)
     assert results["training"]["skipped_images"] == 1
     assert results["evaluations"]["test"]["skipped_images"] == 1 and results["evaluations"]["test"]["total"] == 3
-    assert run_dir(cfg2).endswith("coop-corrupt/shots_3/seed_1")
+    assert run_dir(cfg2).endswith("custom_folder-corrupt/coop-corrupt@tiny/shots_3/seed_1")
 
 
 def test_unfinished_run_with_other_settings_is_not_mixed(tmp_path, trees):

@@ -41,7 +41,7 @@ def read_csv(path):
 
 def test_reproduce_runs_the_grid_and_compares_every_cell_with_the_reference(reproduced, capsys):
     base, _ = reproduced
-    runs = [json.loads((base / "runs/few_shot/dtd/align/shots_16" / f"seed_{s}/results.json").read_text())
+    runs = [json.loads((base / "runs/few_shot/dtd/align@tiny/shots_16" / f"seed_{s}/results.json").read_text())
             for s in (1, 2)]
     assert [(r["method"], r["dataset"], r["shots"], r["seed"], r["preset"]) for r in runs] == [
         ("align", "dtd", 16, 1, "default"), ("align", "dtd", 16, 2, "default")]
@@ -72,7 +72,7 @@ def test_reproduce_runs_the_grid_and_compares_every_cell_with_the_reference(repr
 
 def test_reproduce_again_skips_finished_runs_and_report_compare_gives_the_same_table(reproduced, tmp_path, capsys):
     base, args = reproduced
-    results = base / "runs/few_shot/dtd/align/shots_16/seed_1/results.json"
+    results = base / "runs/few_shot/dtd/align@tiny/shots_16/seed_1/results.json"
     before = results.stat().st_mtime_ns
     assert main(["reproduce", *args[1:], "--dry-run"]) == 0
     assert capsys.readouterr().out.count("finished ") == 2

@@ -20,3 +20,16 @@ class DataError(VlpromptError, FileNotFoundError):
 
 class CheckpointError(VlpromptError):
     """A weights or checkpoint file is missing, unsafe or incompatible."""
+
+
+class NonFiniteTrainingError(VlpromptError):
+    """Training produced a NaN or infinite loss, gradient or parameter that no loss scaler accounts for; the
+    run stopped and its last finite checkpoint is kept."""
+
+
+class StorageError(VlpromptError):
+    """A file could not be written (the disk or quota is full); what was written before is intact."""
+
+
+class RunInUseError(VlpromptError):
+    """Another process holds the run folder's lock (it is training or evaluating that run)."""

@@ -147,9 +147,10 @@ def run_grid(configs: Sequence[RunConfig], *, workers: int | None = 1, overwrite
 
 
 def finished_results(configs: Sequence[RunConfig]) -> list[dict[str, Any]]:
-    """The ``results.json`` contents of the configs' finished runs."""
-    folders = [RunFolder(run_dir(config)) for config in configs]
-    return [folder.results() for folder in folders if folder.finished]
+    """The ``results.json`` contents of the configs' finished runs (of the same settings: a folder that holds a
+    run with others is left out)."""
+    folders = [(RunFolder(run_dir(config)), config) for config in configs]
+    return [folder.results() for folder, config in folders if folder.finished and folder.matches(config)]
 
 
 def default_report_dir(reproduction: Reproduction) -> str:

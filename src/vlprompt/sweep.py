@@ -167,14 +167,16 @@ def write_jobs(configs: Sequence[RunConfig], *, overwrite: bool = False,
     """Write the jobs file of the runs still to do; return its path and their positions in ``configs``.
 
     ``overwrite`` clears the run folders first (then every run is to do, and a job interrupted later resumes
-    rather than starting again). A folder holding an unfinished run with other settings is an error before
-    anything runs.
+    rather than starting again); a folder another process works on is an error. A folder holding a run with
+    other settings (finished or not) is an error before anything runs.
     """
     _check_distinct(configs)
     folders = [RunFolder(run_dir(config)) for config in configs]
     if overwrite:
         for folder in folders:
-            folder.clear()
+            if folder.started:
+                with folder.locked():
+                    folder.clear()
     for folder, config in zip(folders, configs):
         conflict = folder.conflict(config)
         if conflict:
