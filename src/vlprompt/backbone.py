@@ -618,7 +618,8 @@ def load_clip(
     Args:
         model_name: an open_clip architecture (``"ViT-B-16"``; use the ``-quickgelu`` variants with OpenAI
             weights), a tiny test config (``"tiny"``), or ``"toy"`` (the small CLIP pretrained on the bundled toy
-            world, shipped inside the package).
+            world, shipped inside the package; ``pretrained`` = the folder ``vlprompt toyworld pretrain`` wrote
+            loads one's own toy weights).
         pretrained: an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``; downloaded through open_clip
             when a network exists), a path to a local weights file (OpenAI TorchScript/state-dict archive, open_clip
             state dict, ``.safetensors``), or ``None`` / ``"none"`` for random weights.
@@ -637,10 +638,12 @@ def load_clip(
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
     with torch.random.fork_rng(devices=[]):
         if model_name == "toy":
-            from vlprompt.toyworld import load_toy_clip  # the shipped toy-world CLIP
+            from vlprompt.toyworld import load_toy_clip
 
-            model, _ = load_toy_clip()
-            label = "toy"
+            folder = toy_weights_folder(pretrained)  # None: the shipped weights
+            model, _ = load_toy_clip(folder)
+            label = "toy" if folder is None else f"toy/{os.path.basename(os.path.abspath(folder))}"
+            pretrained = None  # read with the architecture recorded beside the weights, not as a state dict
         elif model_name in TINY_CONFIGS:
             torch.manual_seed(0)  # tiny models are reproducible architectures, not seed-dependent ones
             model = open_clip.CLIP(**TINY_CONFIGS[model_name])
@@ -740,6 +743,15 @@ def _hub_warnings_silenced() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def toy_weights_folder(pretrained: str | os.PathLike | None) -> str | None:
+    """The folder of a user's toy CLIP given as ``pretrained`` (the ``--output-dir`` of ``vlprompt toyworld
+    pretrain``, or its ``toyclip.safetensors``), or None for the weights shipped in the package (no path given)."""
+    if pretrained is None or not _looks_like_path(pretrained):
+        return None
+    path = os.path.expanduser(os.fspath(pretrained))
+    return path if os.path.isdir(path) else os.path.dirname(path) or "."
 
 
 def _looks_like_path(pretrained: str | os.PathLike) -> bool:

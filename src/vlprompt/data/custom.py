@@ -173,10 +173,11 @@ def build_custom_csv(
 ) -> DatasetSplits:
     """A CSV of ``path,label[,split]`` rows (an optional header row starts with ``path``).
 
-    Paths are relative to the CSV's folder and stay inside it (no absolute paths, no ``../``). Labels are integers 0..C-1, or class names (then labels follow
-    the sorted names). ``classnames_file`` has one class name per line: line i names label i (integer
-    labels) or fixes the label order (name labels). ``split`` is train / val / test (no val rows: val =
-    test); without a split column :func:`split_by_class` splits each class.
+    Paths are relative to the CSV's folder and stay inside it (no absolute paths, no ``../``). Labels are
+    integers 0..C-1, or class names (then labels follow the sorted names). ``classnames_file`` has one class
+    name per line: line i names label i (integer labels) or fixes the label order (name labels). ``split`` is
+    train / val / test (no val rows: val = test); without a split column :func:`split_by_class` splits each
+    class.
     """
     csv_path = os.path.abspath(os.path.expanduser(str(root)))
     if not os.path.isfile(csv_path):

@@ -4,7 +4,8 @@
 generating them first if the folder does not exist. Generation is deterministic (a fixed seed per dataset and
 split), atomic and idempotent, so this is not a silent regeneration of a split: the same root always holds the
 same files, and a folder made with other settings is an error. Default sizes: 16 train, 4 val and 20 test images
-per class (transfer targets are read with these defaults).
+per class (:data:`vlprompt.toyworld.materialize.DEFAULT_PER_CLASS`, the defaults of ``vlprompt toyworld
+materialize`` too; transfer targets are read with these defaults).
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from vlprompt.data.base import DatasetInfo, DatasetSplits
 from vlprompt.data.custom import build_split_json
 
 
-def build_toy(info: DatasetInfo, root: str, *, n_train_per_class: int = 16, n_val_per_class: int = 4,
-              n_test_per_class: int = 20, seed: int = 0) -> DatasetSplits:
-    from vlprompt.toyworld import materialize
+def build_toy(info: DatasetInfo, root: str, *, n_train_per_class: int | None = None,
+              n_val_per_class: int | None = None, n_test_per_class: int | None = None, seed: int = 0,
+              check_files: bool = True) -> DatasetSplits:
+    """``root/<name>``, generated first if absent; sizes None are the defaults of ``materialize``."""
+    from vlprompt.toyworld.materialize import DEFAULT_PER_CLASS, materialize
 
-    folder = materialize(info.name, os.path.expanduser(str(root)), n_train_per_class=n_train_per_class,
-                         n_val_per_class=n_val_per_class, n_test_per_class=n_test_per_class, seed=seed)
-    splits = build_split_json(info, str(folder / "images"), split_file=str(folder / "split.json"))
-    return splits
+    sizes = {"train": n_train_per_class, "val": n_val_per_class, "test": n_test_per_class}
+    sizes = {split: DEFAULT_PER_CLASS[split] if count is None else count for split, count in sizes.items()}
+    folder = materialize(info.name, os.path.expanduser(str(root)), n_train_per_class=sizes["train"],
+                         n_val_per_class=sizes["val"], n_test_per_class=sizes["test"], seed=seed)
+    return build_split_json(info, str(folder / "images"), split_file=str(folder / "split.json"),
+                            check_files=check_files)
 
 
 def _toy_datasets() -> tuple[DatasetInfo, ...]:

@@ -37,13 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     materialize.add_argument("--data-root", dest="root", type=Path, required=True,
                              help="folder that receives one folder per dataset (the data root of train and run)")
     add_alias(materialize, "--root", "--data-root")
-    materialize.add_argument("--n-train", type=int, default=16, help="train images per class")
-    materialize.add_argument("--n-val", type=int, default=4, help="val images per class")
-    materialize.add_argument("--n-test", type=int, default=50, help="test images per class")
+    defer_options(materialize, _size_options)
     materialize.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     materialize.set_defaults(func=_materialize)
 
-    zeroshot = commands.add_parser("zeroshot", help="zero-shot accuracy of the shipped toy CLIP")
+    zeroshot = commands.add_parser("zeroshot", help="zero-shot accuracy of the shipped toy CLIP (or one's own)")
+    zeroshot.add_argument("--pretrained", type=Path, metavar="DIR",
+                          help="a toy CLIP written by `vlprompt toyworld pretrain --output-dir DIR` (the folder or "
+                          "its toyclip.safetensors; default: the shipped one)")
     zeroshot.add_argument("--n-per-class", type=int, default=50, help="generated test images per class")
     zeroshot.add_argument("--seed", type=int, default=0, help="generation seed of the test images (default 0)")
     zeroshot.set_defaults(func=_zeroshot)
@@ -54,6 +55,15 @@ def _dataset_names(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("names", nargs="+", choices=[*DATASETS, "all"], metavar="NAME",
                         help=f"datasets to write, or 'all': {', '.join(DATASETS)}")
+
+
+def _size_options(parser: argparse.ArgumentParser) -> None:
+    from vlprompt.toyworld.materialize import DEFAULT_PER_CLASS
+
+    for split in ("train", "val", "test"):
+        parser.add_argument(f"--n-{split}", type=int, default=DEFAULT_PER_CLASS[split],
+                            help=f"{split} images per class (default {DEFAULT_PER_CLASS[split]}, as train and run "
+                            "read a toy dataset)")
 
 
 def _pretrain_options(parser: argparse.ArgumentParser) -> None:
@@ -73,13 +83,29 @@ def _pretrain_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--output-dir", type=Path, default=default.output_dir,
-        help="where toyclip.safetensors and toyclip.json go (default: inside the installed package)",
+        help="where toyclip.safetensors and toyclip.json go (default: %(default)s/ in the working directory; never "
+        "inside the installed package); use them with --backbone toy --pretrained DIR",
     )
+
+
+def _outside_the_package(option: str, folder: Path) -> None:
+    """A :class:`ConfigError` if ``folder`` is inside the installed vlprompt package (its shipped weights)."""
+    import vlprompt
+    from vlprompt.errors import ConfigError
+
+    package = Path(vlprompt.__file__).resolve().parent
+    target = folder.expanduser().resolve()
+    if target == package or package in target.parents:
+        raise ConfigError(f"{option} {folder} is inside the installed vlprompt package ({package}), whose shipped "
+                          "toy weights every toy command uses; choose a folder outside it (the result loads with "
+                          "--backbone toy --pretrained DIR)")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from vlprompt.toyworld.pretrain import PretrainConfig, pretrain
 
+    _outside_the_package("--output-dir", args.output_dir)
+    _outside_the_package("--work-dir", args.work_dir)
     config = PretrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, work_dir=args.work_dir,
@@ -101,9 +127,10 @@ def _materialize(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
+    from vlprompt.backbone import toy_weights_folder
     from vlprompt.toyworld.model import load_toy_clip
     from vlprompt.toyworld.zeroshot import evaluate_zero_shot
 
-    model, _ = load_toy_clip()
+    model, _ = load_toy_clip(toy_weights_folder(args.pretrained))
     print(json.dumps(evaluate_zero_shot(model, n_per_class=args.n_per_class, seed=args.seed), indent=2))
     return 0

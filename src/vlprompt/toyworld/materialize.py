@@ -27,6 +27,9 @@ from vlprompt.toyworld.render import render, sample_attributes
 from vlprompt.toyworld.world import ToyDataset, get_dataset
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Images per class of each split when none are given: ``materialize``, its command and ``build_dataset`` all use
+# these, so a folder written with the defaults is the folder a run reads with the defaults.
+DEFAULT_PER_CLASS: dict[str, int] = {"train": 16, "val": 4, "test": 20}
 _RENDER_CHUNK = 512  # images rendered per call: bounds memory
 
 
@@ -64,9 +67,9 @@ def generate_split(
 def materialize(
     name: str,
     root: str | Path,
-    n_train_per_class: int = 16,
-    n_val_per_class: int = 4,
-    n_test_per_class: int = 50,
+    n_train_per_class: int = DEFAULT_PER_CLASS["train"],
+    n_val_per_class: int = DEFAULT_PER_CLASS["val"],
+    n_test_per_class: int = DEFAULT_PER_CLASS["test"],
     seed: int = 0,
 ) -> Path:
     """Write toy dataset ``name`` under ``root/<name>`` (PNG images + ``split.json``) and return that folder.
@@ -140,7 +143,16 @@ def _is_complete(folder: Path, recipe: dict) -> bool:
         existing = None
     if existing != recipe:
         raise DataError(
-            f"{folder} was made with different settings ({existing}, asked for {recipe}); "
-            "delete it or materialize into another root"
+            f"{folder} was made with different settings ({_settings(existing)}) than asked for ({_settings(recipe)}); "
+            "read it with the settings it was made with (they are dataset options: --option KEY=VALUE, or "
+            "--set data.options.KEY=VALUE for train), delete it, or materialize into another root"
         )
     return True
+
+
+def _settings(recipe) -> str:
+    """``n_train_per_class=16, n_val_per_class=4, n_test_per_class=20, seed=0`` of a ``toyworld.json`` record."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("n_per_class"), dict):
+        return "unknown settings"
+    sizes = [f"n_{split}_per_class={count}" for split, count in recipe["n_per_class"].items()]
+    return ", ".join([*sizes, f"seed={recipe.get('seed')}"])

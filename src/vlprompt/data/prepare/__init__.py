@@ -97,10 +97,24 @@ def recipe_for(name: str) -> Recipe:
     dataset_info(name)  # a ConfigError naming the datasets for an unknown name
     if name not in RECIPES:
         raise ConfigError(
-            f"{name!r} has no official archives to prepare; `vlprompt data prepare` handles the standard datasets: "
-            f"{', '.join(RECIPES)}"
+            f"{name!r} has no official archives to prepare; `vlprompt data prepare` handles the standard datasets "
+            f"({', '.join(RECIPES)}) and generates the toy ones ({', '.join(_toy_names())})"
         )
     return RECIPES[name]
+
+
+def _toy_names() -> list[str]:
+    from vlprompt.data.toy import TOY_DATASETS
+
+    return [info.name for info in TOY_DATASETS]
+
+
+def _generate(name: str, root: str) -> PrepareResult:
+    """A toy dataset: generated under ``root/<name>`` with the default sizes (deterministic, idempotent)."""
+    folder = os.path.join(root, name)
+    action = "already prepared" if os.path.isfile(os.path.join(folder, "split.json")) else "generated"
+    dataset_info(name).build(root)
+    return PrepareResult(name, folder, action)
 
 
 def check(name: str, root: str) -> list[str]:
@@ -442,13 +456,16 @@ def prepare(
     ``sources`` are the official archives, plain files, split file, or folders (the folder an archive extracts
     to, or a folder holding the downloads); files already in ``root/downloads/`` are used too. ``download``
     fetches missing files whose host still serves them (``timeout`` seconds per network wait); ``limits``
-    bounds what each archive may unpack to (:class:`ExtractLimits`). Raises
-    :class:`MissingFiles` (with :func:`instructions`) when files are missing, :class:`DataError` for a wrong
-    or damaged file, naming it and what was expected. Safe to interrupt and re-run (see the module docs).
+    bounds what each archive may unpack to (:class:`ExtractLimits`). A toy dataset is generated instead
+    (nothing to fetch). Raises :class:`MissingFiles` (with :func:`instructions`) when files are missing,
+    :class:`DataError` for a wrong or damaged file, naming it and what was expected. Safe to interrupt and
+    re-run (see the module docs).
     """
     log = log or (lambda message: None)
-    recipe = recipe_for(name)
     root = os.path.abspath(os.path.expanduser(str(root)))
+    if name in _toy_names():
+        return _generate(name, root)
+    recipe = recipe_for(name)
     target = _real_target(os.path.join(root, recipe.folder))
     staging = _staging(os.path.dirname(target), recipe)
     downloads = os.path.join(root, DOWNLOADS)
