@@ -190,7 +190,8 @@ def test_mixed_precision_paths_run_on_cpu(tiny_clip, tmp_path, precision):
     assert result.total == 6
 
 
-def test_non_finite_loss_is_skipped_and_reported(tiny_clip, caplog):
+def test_non_finite_loss_under_fp16_is_skipped_and_reported(tiny_clip, caplog):
+    """Under fp16 the loss scaler owns an overflow (fp32/bf16 stop: tests/test_reliability_training.py)."""
     method = coop(tiny_clip)
     original = method.training_loss
     calls = {"n": 0}
@@ -203,15 +204,14 @@ def test_non_finite_loss_is_skipped_and_reported(tiny_clip, caplog):
     method.training_loss = sometimes_nan
     with caplog.at_level(logging.WARNING, logger="vlprompt"):
         summary = fit(method, toy_set(8), optim=OptimConfig(lr=0.05, epochs=2), batch_size=4, seed=1,
-                      progress=False)
-    assert summary.skipped_steps == 1
-    assert summary.history[0]["nonfinite_loss"] == 1 and summary.history[0]["steps"] == 1
-    assert summary.history[1]["skipped_steps"] == 0
+                      precision="fp16", progress=False)
+    assert [r["nonfinite_loss"] for r in summary.history] == [1, 0]
+    assert summary.skipped_steps == sum(r["skipped_steps"] for r in summary.history)
     assert any("loss is nan" in record.message for record in caplog.records)
     assert all(torch.isfinite(v).all() for v in params(method).values())
 
 
-def test_non_finite_gradients_are_skipped_without_touching_parameters(tiny_clip):
+def test_non_finite_gradients_under_fp16_are_skipped_without_touching_parameters(tiny_clip):
     method = coop(tiny_clip)
     original = method.training_loss
 
@@ -222,7 +222,8 @@ def test_non_finite_gradients_are_skipped_without_touching_parameters(tiny_clip)
 
     method.training_loss = infinite_gradient
     before = params(method)
-    summary = fit(method, toy_set(4), optim=OptimConfig(lr=0.05, epochs=2), batch_size=4, seed=1, progress=False)
+    summary = fit(method, toy_set(4), optim=OptimConfig(lr=0.05, epochs=2), batch_size=4, seed=1, precision="fp16",
+                  progress=False)
     assert summary.skipped_steps == 2 and summary.history[1]["nonfinite_grad"] == 1
     assert all(torch.equal(before[k], v) for k, v in params(method).items())
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class iterates the loader once more on its own
 
 from vlprompt.engine import distributed
 from vlprompt.engine.trainer import autocast, log
@@ -75,17 +75,21 @@ def evaluate(
     with context:
         class_side = method.encode_classes()
     shard = test_set if world.size == 1 else Subset(test_set, distributed.shard(len(test_set)))
+    # A private generator: the loader's worker seeds are not drawn from the global random state.
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress or not world.main, dynamic_ncols=True):
-        if batch is None:
-            continue
-        images, labels = batch
-        with context:
-            logits = method(images.to(device, non_blocking=True), class_side)
-        hits = (logits.argmax(dim=-1).cpu() == labels).long()
-        correct_per_class.index_add_(0, labels, hits)
-        total_per_class.index_add_(0, labels, torch.ones_like(labels))
+                        generator=torch.Generator(), collate_fn=collate_skip_corrupt, pin_memory=device.type == "cuda")
+    with tqdm(total=len(loader), desc=desc, unit="batch", leave=False, disable=not progress or not world.main,
+              dynamic_ncols=True) as bar:
+        for batch in loader:
+            bar.update()
+            if batch is None:
+                continue
+            images, labels = batch
+            with context:
+                logits = method(images.to(device, non_blocking=True), class_side)
+            hits = (logits.argmax(dim=-1).cpu() == labels).long()
+            correct_per_class.index_add_(0, labels, hits)
+            total_per_class.index_add_(0, labels, torch.ones_like(labels))
     if world.size > 1:
         correct_per_class, total_per_class = distributed.all_reduce_sum(torch.stack([correct_per_class,
                                                                                     total_per_class]))

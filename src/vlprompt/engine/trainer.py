@@ -21,9 +21,11 @@ augmentation is drawn under torch, Python and NumPy seeds derived from (seed, st
 images a step sees and how they are augmented are the same with any number of data-loader workers or of
 processes. The workers are started once per :func:`fit` and kept across epochs; they draw their own seeds from
 a private generator, never from the global random state the method may use. One progress bar covers the
-whole of a :func:`fit` call (every stage and epoch), so its time estimate is the run's. Under ``torchrun`` (:mod:`vlprompt.engine.distributed`) each process takes its share of every
-global batch of ``batch_size`` images and the gradients are averaged so that every step equals the
-single-process step; only rank 0 writes the checkpoint.
+whole of a :func:`fit` call (every stage and epoch), so its time estimate is the run's.
+
+Under ``torchrun`` (:mod:`vlprompt.engine.distributed`) each process takes its share of every global batch of
+``batch_size`` images and the gradients are averaged so that every step equals the single-process step; only
+rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ def fit(
     loader = make_train_loader(train_set, batch_size, sampler_generator, num_workers, device, world.rank, world.size)
     context = autocast(device, precision)
     summary = TrainSummary()
-    counters = {"skipped_steps": 0, "train_seconds": 0.0}
+    counters = {"skipped_steps": 0, "skips_in_a_row": 0, "train_seconds": 0.0}
     progress = progress and world.main
 
     resume = distributed.on_main(
@@ -265,6 +267,10 @@ def fit(
         if [s.name for s in stages] != resume["stage_names"]:
             raise CheckpointError(f"{checkpoint_path}: stages {resume['stage_names']} do not match the method's "
                                   f"{[s.name for s in stages]}; use --overwrite to start again")
+        non_finite = ckpt.non_finite_tensors(resume["prompts"])
+        if non_finite:  # e.g. written by a version that let a diverged run go on: it must not "finish"
+            raise CheckpointError(f"{checkpoint_path}: the checkpoint's prompts hold non-finite values "
+                                  f"({', '.join(non_finite)}); it cannot be resumed; use --overwrite to train again")
         method.load_prompt_state_dict(resume["prompts"])
         ckpt.restore_rng(resume["rng"], sampler_generator)
         counters.update(resume["counters"])
@@ -274,65 +280,82 @@ def fit(
     earlier = resume["history"] if resume is not None else []  # the epoch records of the checkpoint
     distributed.broadcast_parameters(p for _, p in method.prompt_parameters())  # one starting point everywhere
 
-    for stage_index, stage in enumerate(stages):
-        stage_optim = optim.for_stage(stage.name)
-        last_epoch = stage_optim.epochs if stage_optim.stop_epoch is None else stage_optim.stop_epoch
-        first_epoch = 0
-        if resume is not None and stage_index < resume["stage"]:
-            continue
-        method.set_stage(stage)
-        parameters = [p for _, p in method.trainable_parameters()]
-        if not parameters or last_epoch == 0:
-            log.info("stage %s: nothing to train (%d trainable tensors, %d epochs)", stage.name,
-                     len(parameters), last_epoch)
-            continue
-        optimizer = build_optimizer(parameters, stage_optim)
-        schedule = EpochSchedule(optimizer, stage_optim)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        if resume is not None and stage_index == resume["stage"]:
-            optimizer.load_state_dict(resume["optimizer"])
-            schedule.load_state_dict(resume["schedule"])
-            if resume["scaler"]:
-                scaler.load_state_dict(resume["scaler"])
-            first_epoch = resume["epoch"]
-            if first_epoch >= last_epoch:  # the checkpoint ends this stage
+    steps_per_epoch = loader.sampler.global_batches
+    epochs_left = _epochs_left(stages, optim, resume)
+    kept = f"{checkpoint_path}, after {resume['epoch']} epoch(s) of stage {stages[resume['stage']].name}" \
+        if resume is not None else None
+    with tqdm(total=sum(epochs_left) * steps_per_epoch, unit="step", leave=False, disable=not progress,
+              dynamic_ncols=True) as bar:  # one bar for the whole call: its time estimate is the run's
+        for stage_index, stage in enumerate(stages):
+            stage_optim = optim.for_stage(stage.name)
+            last_epoch = stage_optim.epochs if stage_optim.stop_epoch is None else stage_optim.stop_epoch
+            first_epoch = 0
+            if resume is not None and stage_index < resume["stage"]:
                 continue
-        log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d%s, %s",
-                 stage.name, len(parameters), sum(p.numel() for p in parameters), first_epoch + 1, last_epoch,
-                 stage_optim.epochs, stage_optim.lr, batch_size,
-                 f" ({batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else "",
-                 precision)
+            method.set_stage(stage)
+            parameters = [p for _, p in method.trainable_parameters()]
+            if not parameters or last_epoch == 0:
+                log.info("stage %s: nothing to train (%d trainable tensors, %d epochs)", stage.name,
+                         len(parameters), last_epoch)
+                bar.total -= epochs_left[stage_index] * steps_per_epoch
+                bar.refresh()
+                continue
+            optimizer = build_optimizer(parameters, stage_optim)
+            schedule = EpochSchedule(optimizer, stage_optim)
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            if resume is not None and stage_index == resume["stage"]:
+                optimizer.load_state_dict(resume["optimizer"])
+                schedule.load_state_dict(resume["schedule"])
+                if resume["scaler"]:
+                    scaler.load_state_dict(resume["scaler"])
+                first_epoch = resume["epoch"]
+                if first_epoch >= last_epoch:  # the checkpoint ends this stage
+                    continue
+            log.info("stage %s: %d trainable tensors (%d values), epochs %d..%d of %d, lr %g, batch %d%s, %s",
+                     stage.name, len(parameters), sum(p.numel() for p in parameters), first_epoch + 1, last_epoch,
+                     stage_optim.epochs, stage_optim.lr, batch_size,
+                     f" ({batch_size // world.size} on each of {world.size} processes)" if world.size > 1 else "",
+                     precision)
 
-        for epoch in range(first_epoch, last_epoch):
-            started = time.perf_counter()
-            lr = schedule.start_epoch(epoch)
-            loader.sampler.set_epoch(stage_index, epoch)
-            record = _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters,
-                                  world.size, desc=f"{stage.name} {epoch + 1}/{last_epoch}", progress=progress)
-            method.on_epoch_end(epoch, last_epoch)  # before the checkpoint, which must hold what the hook keeps
-            seconds = time.perf_counter() - started
-            counters["train_seconds"] += seconds
-            record = {"stage": stage.name, "epoch": epoch, "lr": lr, **record, "seconds": round(seconds, 3)}
-            if checkpoint_path and world.main:
-                ckpt.save_checkpoint(checkpoint_path, {
-                    "stage": stage_index,
-                    "stage_names": [s.name for s in stages],
-                    "epoch": epoch + 1,
-                    "prompts": method.prompt_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                    "rng": ckpt.capture_rng(sampler_generator),
-                    "counters": dict(counters),
-                    "history": [*earlier, *summary.history, record],  # metrics.jsonl is rebuilt from it on resume
-                })
-            summary.history.append(record)
-            summary.epochs_trained += 1
-            log.info("%s epoch %d/%d: lr %.3g, loss %.4f, train acc %.2f%%%s", stage.name, epoch + 1, last_epoch,
-                     lr, record["loss"], record["accuracy"],
-                     f", {record['skipped_steps']} step(s) skipped" if record["skipped_steps"] else "")
-            if on_epoch is not None:
-                on_epoch(record)
+            for epoch in range(first_epoch, last_epoch):
+                started = time.perf_counter()
+                lr = schedule.start_epoch(epoch)
+                loader.sampler.set_epoch(stage_index, epoch)
+                bar.set_description(f"{stage.name} {epoch + 1}/{last_epoch}")
+                try:
+                    record = _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters,
+                                          world.size, bar, desc=f"stage {stage.name}, epoch {epoch + 1}/{last_epoch}")
+                except NonFiniteTrainingError as error:
+                    saved = (f"; the last finite checkpoint is kept ({kept})" if kept else
+                             "; no epoch had finished, so there is no checkpoint" if checkpoint_path else "")
+                    raise NonFiniteTrainingError(f"training stopped: {error}; lower optim.lr or check the method "
+                                                 f"options and the data{saved}") from None
+                method.on_epoch_end(epoch, last_epoch)  # before the checkpoint, which must hold what the hook keeps
+                seconds = time.perf_counter() - started
+                counters["train_seconds"] += seconds
+                record = {"stage": stage.name, "epoch": epoch, "lr": lr, **record, "seconds": round(seconds, 3)}
+                if checkpoint_path and world.main:
+                    ckpt.save_checkpoint(checkpoint_path, {
+                        "stage": stage_index,
+                        "stage_names": [s.name for s in stages],
+                        "epoch": epoch + 1,
+                        "prompts": method.prompt_state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+                        "rng": ckpt.capture_rng(sampler_generator),
+                        "counters": dict(counters),
+                        "history": [*earlier, *summary.history, record],  # metrics.jsonl is rebuilt from it on resume
+                    })
+                if checkpoint_path:  # (written by rank 0; every rank names it)
+                    kept = f"{checkpoint_path}, after {epoch + 1} epoch(s) of stage {stage.name}"
+                summary.history.append(record)
+                summary.epochs_trained += 1
+                log.info("%s epoch %d/%d: lr %.3g, loss %.4f, train acc %.2f%%%s", stage.name, epoch + 1, last_epoch,
+                         lr, record["loss"], record["accuracy"],
+                         f", {record['skipped_steps']} step(s) skipped" if record["skipped_steps"] else "")
+                if on_epoch is not None:
+                    on_epoch(record)
 
     summary.skipped_steps = counters["skipped_steps"]
     summary.seconds = counters["train_seconds"]
@@ -341,16 +364,31 @@ def fit(
     return summary
 
 
-def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, world_size: int, *,
-                 desc: str, progress: bool) -> dict[str, Any]:
+def _epochs_left(stages, optim: OptimConfig, resume: dict[str, Any] | None) -> list[int]:
+    """The epochs each stage still has to train (a checkpoint has done the earlier ones)."""
+    left = []
+    for index, stage in enumerate(stages):
+        stage_optim = optim.for_stage(stage.name)
+        last = stage_optim.epochs if stage_optim.stop_epoch is None else stage_optim.stop_epoch
+        done = 0 if resume is None or index > resume["stage"] else resume["epoch"] if index == resume["stage"] \
+            else last
+        left.append(max(0, last - done))
+    return left
+
+
+def _train_epoch(method, loader, optimizer, scaler, parameters, context, device, counters, world_size: int, bar,
+                 *, desc: str) -> dict[str, Any]:
+    """One epoch of steps (``bar`` advances by one per step). Raises :class:`NonFiniteTrainingError` for a
+    non-finite value the fp16 loss scaler does not own (see :func:`_non_finite_step`)."""
     method.train()
     loss_sum, correct, seen, steps = 0.0, 0, 0, 0
     skipped = {"nonfinite_loss": 0, "nonfinite_grad": 0}
     batches: Any = loader
     if world_size > 1:  # every rank takes part in every step, also one whose share of a short batch is empty
         batches = itertools.islice(itertools.chain(loader, itertools.repeat(None)), loader.sampler.global_batches)
-    bar = tqdm(batches, total=len(loader), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
-    for batch in bar:
+    for step, batch in enumerate(batches, 1):
+        bar.update()
+        where = f"{desc}, step {step}"
         optimizer.zero_grad(set_to_none=True)
         loss = logits = labels = None
         if batch is not None:  # None: every image of this rank's batch was unreadable
@@ -365,29 +403,31 @@ def _train_epoch(method, loader, optimizer, scaler, parameters, context, device,
                                                                            not loss_finite)
         if any_loss_nonfinite:
             shown = f"loss is {loss.item()}" if not loss_finite else "loss is not finite in another process"
-            _skip(counters, skipped, "nonfinite_loss", f"{desc}: {shown}; step skipped")
+            _non_finite_step(scaler, counters, skipped, "nonfinite_loss", f"{where}: {shown}")
             continue
         if images_in_step == 0:
             continue
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
-        if not _grads_finite(parameters):
-            reason = "gradient overflow (fp16 loss scale reduced)" if scaler.is_enabled() else "non-finite gradients"
-            _skip(counters, skipped, "nonfinite_grad", f"{desc}: {reason}; step skipped")
-            if scaler.is_enabled():
-                scaler.step(optimizer)  # sees the inf found by unscale_: no update, only bookkeeping
-                scaler.update()  # lowers the loss scale
+        if not _all_finite(p.grad for p in parameters if p.grad is not None):
+            reason = "gradient overflow (fp16 loss scale reduced)" if scaler.is_enabled() else "non-finite gradient"
+            _non_finite_step(scaler, counters, skipped, "nonfinite_grad", f"{where}: {reason}")
+            scaler.step(optimizer)  # sees the inf found by unscale_: no update, only bookkeeping
+            scaler.update()  # lowers the loss scale
             continue
         scaler.step(optimizer)
         scaler.update()
+        counters["skips_in_a_row"] = 0
+        if not _all_finite(parameters):  # finite gradients, yet e.g. an infinite learning rate
+            names = [name for name, p in method.trainable_parameters() if not torch.isfinite(p).all()]
+            raise NonFiniteTrainingError(f"non-finite prompt values ({', '.join(names)}) after {where}")
         steps += 1
         if logits is not None:
             loss_sum += loss.item() * labels.numel()
             correct += int((logits.argmax(dim=-1) == labels).sum())
             seen += labels.numel()
-        if progress:
+        if not bar.disable:
             bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", acc=f"{100 * correct / max(seen, 1):.1f}")
-    bar.close()
     if world_size > 1:  # the epoch's numbers over the global batches
         totals = distributed.all_reduce_sum(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64))
         loss_sum, correct, seen = totals[0].item(), int(totals[1].item()), int(totals[2].item())
@@ -402,6 +442,19 @@ def _train_epoch(method, loader, optimizer, scaler, parameters, context, device,
         "skipped_steps": total_skipped,
         **skipped,
     }
+
+
+def _non_finite_step(scaler, counters: dict, skipped: dict, kind: str, message: str) -> None:
+    """A step whose loss or gradients are not finite. Under fp16 the loss scaler owns it: a scale too large for
+    fp16 overflows now and then, the step is skipped (and the scale lowered). Without a scaler, or when it
+    goes on for ``FP16_SKIPS_IN_A_ROW`` steps, the run has diverged: :class:`NonFiniteTrainingError`."""
+    if not scaler.is_enabled():
+        raise NonFiniteTrainingError(f"{message} (no fp16 loss scaler owns it)")
+    counters["skips_in_a_row"] = counters.get("skips_in_a_row", 0) + 1
+    if counters["skips_in_a_row"] >= FP16_SKIPS_IN_A_ROW:
+        raise NonFiniteTrainingError(f"{message}, {counters['skips_in_a_row']} non-finite steps in a row under "
+                                     f"fp16 loss scaling")
+    _skip(counters, skipped, kind, f"{message}; step skipped")
 
 
 def _skip(counters: dict, skipped: dict, kind: str, message: str) -> None:
