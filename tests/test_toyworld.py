@@ -147,7 +147,7 @@ def test_held_out_compositions_are_excluded_from_pretraining():
     held_out = set(zip(colors, shapes))
     assert held_out.isdisjoint(PRETRAIN_COMPOSITIONS)
     assert len(PRETRAIN_COMPOSITIONS) + len(held_out) == len(OBJECT_CLASSNAMES)
-    _, captions = _batch(0, 0, 256, np.array(PRETRAIN_COMPOSITIONS))
+    _, captions, _ = _batch(0, 0, 256, np.array(PRETRAIN_COMPOSITIONS))
     assert not any(f"{c} {s}" in text for text in captions for c, s in HELD_OUT)
 
 

@@ -27,14 +27,20 @@ from vlprompt.toyworld.model import (
     IMAGE_STD,
     MODEL_CFG,
     TOKENIZER,
-    WEIGHTS_DIR,
     WEIGHTS_FILE,
     build_toy_clip,
     get_tokenizer,
     images_to_tensor,
 )
 from vlprompt.toyworld.render import generate
-from vlprompt.toyworld.world import HELD_OUT, IMAGE_SIZE, PRETRAIN_COMPOSITIONS, sample_captions
+from vlprompt.toyworld.world import (
+    HELD_OUT,
+    IMAGE_SIZE,
+    PRETRAIN_COMPOSITIONS,
+    caption_matches,
+    captions_of,
+    sample_templates,
+)
 from vlprompt.toyworld.zeroshot import evaluate_zero_shot
 
 
@@ -58,16 +64,16 @@ class PretrainConfig:
         eval_per_class: generated test images per class for the final zero-shot numbers.
     """
 
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 128
     lr: float = 1e-3
-    warmup_steps: int = 80
+    warmup_steps: int = 100
     weight_decay: float = 0.1
     seed: int = 0
     threads: int = 1
     device: str = "cpu"
     work_dir: Path = Path("toyclip_pretrain")
-    output_dir: Path = WEIGHTS_DIR
+    output_dir: Path = Path("toyclip")
     checkpoint_every: int = 100
     eval_per_class: int = 50
     model_cfg: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(MODEL_CFG)))
@@ -128,14 +134,13 @@ def pretrain(config: PretrainConfig, log=print) -> dict[str, Any]:
     for step in range(start_step, config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
-        images, captions = _batch(config.seed, step, config.batch_size, compositions)
+        images, captions, matches = _batch(config.seed, step, config.batch_size, compositions)
         tokens = _tokenize(captions, tokenizer, token_cache).to(device)
         image_features = F.normalize(model.encode_image(images_to_tensor(images).to(device)), dim=-1)
         text_features = F.normalize(encode_text_truncated(model, tokens), dim=-1)
         logit_scale = model.logit_scale.exp()
         logits = logit_scale * image_features @ text_features.T  # (B, B)
-        target = torch.arange(len(logits), device=device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = caption_match_loss(logits, torch.from_numpy(matches).to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -219,11 +224,30 @@ def encode_text_truncated(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     return x @ model.text_projection
 
 
-def _batch(seed: int, step: int, batch_size: int, compositions: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    rng_seed = [seed, step]
-    images, attributes = generate(batch_size, rng_seed, "photo", compositions=compositions)
-    captions = sample_captions(attributes, np.random.default_rng([seed, step, 1]))
-    return images, captions
+def caption_match_loss(logits: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE whose targets are every true caption of an image and every image a caption is true of.
+
+    Args:
+        logits: (B, B) scaled similarities, image ``i`` × caption ``j``.
+        matches: (B, B) bool, caption ``j`` true of image ``i``; the diagonal is true.
+
+    With one positive per row (``matches`` the identity) this is CLIP's loss. In the toy world a batch of 128 holds
+    about four scenes per composition and many partial captions ("a photo of a red shape."), so CLIP's loss would
+    push apart pairs that are true; the targets here spread each row's mass uniformly over its true pairs.
+    """
+    targets = matches.float()
+    image_to_text = -(targets / targets.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_to_image = -(targets / targets.sum(0, keepdim=True) * F.log_softmax(logits, dim=0)).sum(0).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def _batch(
+    seed: int, step: int, batch_size: int, compositions: np.ndarray
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Step ``step``'s images (B, 64, 64, 3), captions (B,) and caption-match matrix (B, B), from (seed, step)."""
+    images, attributes = generate(batch_size, [seed, step], "photo", compositions=compositions)
+    templates = sample_templates(batch_size, np.random.default_rng([seed, step, 1]))
+    return images, captions_of(attributes, templates), caption_matches(attributes, templates)
 
 
 def _tokenize(captions: list[str], tokenizer, cache: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -256,4 +280,5 @@ def _resume_key(config: PretrainConfig) -> dict[str, Any]:
     key = asdict(config)
     for name in ("threads", "device", "work_dir", "output_dir", "checkpoint_every", "eval_per_class"):
         key.pop(name)
+    key["objective"] = "caption-match targets"  # checkpoints of the one-positive InfoNCE recipe are not resumed
     return json.loads(json.dumps(key))

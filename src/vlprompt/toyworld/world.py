@@ -59,39 +59,67 @@ PRETRAIN_COMPOSITIONS: tuple[tuple[int, int], ...] = tuple(
 )
 
 
+VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "color": COLOR_NAMES, "shape": SHAPES, "size": SIZES, "position": POSITIONS, "texture": TEXTURES,
+}
+# Words pretraining never saw for the shapes: the class names of ``toy_signs``, whose images are ``toy_objects``'.
+SHAPE_SYNONYMS: dict[str, str] = {
+    "circle": "disc", "square": "tile", "triangle": "wedge", "star": "spark", "cross": "plus", "heart": "valentine",
+}
+
+
 @dataclass(frozen=True)
 class ToyDataset:
     """A classification dataset drawn from the world.
 
     Attributes:
         name: registry name, e.g. ``"toy_objects_sketch"``.
-        target: which attribute(s) a label fixes: ``"object"`` (color and shape), ``"shape"``, ``"color"`` or
-            ``"texture"``; all other attributes are drawn at random (over every composition, held-out included).
+        label_attributes: the attributes a label fixes, most significant first: label = mixed-radix number of their
+            indices (``("color", "shape")``: label = 6 · color + shape). All other attributes are drawn at random
+            (over every composition, held-out included).
         domain: rendering domain of every image, one of :data:`DOMAINS`.
         classnames: label ``i`` is ``classnames[i]``; each reads well in ``"a photo of a {}."``.
     """
 
     name: str
-    target: str
+    label_attributes: tuple[str, ...]
     domain: str
     classnames: tuple[str, ...]
 
     def attributes(self, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """The attribute indices that ``labels`` (N,) fix, as ``{"color"|"shape"|"texture": (N,) int}``."""
-        labels = np.asarray(labels, dtype=np.int64)
-        if self.target == "object":
-            return {"color": labels // len(SHAPES), "shape": labels % len(SHAPES)}
-        return {self.target: labels}
+        """The attribute indices that ``labels`` (N,) fix, as ``{attribute: (N,) int}``."""
+        remainder = np.asarray(labels, dtype=np.int64)
+        fixed = {}
+        for name in reversed(self.label_attributes):
+            remainder, fixed[name] = np.divmod(remainder, len(VOCABULARIES[name]))
+        return fixed
+
+
+def _combinations(form: str, *attributes: str, **words: dict[str, str]) -> tuple[str, ...]:
+    """Class names ``form.format(...)`` over every combination of ``attributes``, the first most significant;
+    ``words[attribute]`` renames an attribute's values."""
+    combos: list[dict[str, str]] = [{}]
+    for attribute in attributes:
+        rename = words.get(attribute, {})
+        combos = [{**c, attribute: rename.get(v, v)} for c in combos for v in VOCABULARIES[attribute]]
+    return tuple(form.format(**c) for c in combos)
 
 
 def _build_datasets() -> dict[str, ToyDataset]:
     datasets = [
-        ToyDataset("toy_objects", "object", "photo", OBJECT_CLASSNAMES),
-        ToyDataset("toy_shapes", "shape", "photo", SHAPES),
-        ToyDataset("toy_colors", "color", "photo", tuple(f"{c} shape" for c in COLOR_NAMES)),
-        ToyDataset("toy_textures", "texture", "photo", tuple(f"{t} background" for t in TEXTURES)),
+        ToyDataset("toy_objects", ("color", "shape"), "photo", OBJECT_CLASSNAMES),
+        ToyDataset("toy_shapes", ("shape",), "photo", SHAPES),
+        ToyDataset("toy_colors", ("color",), "photo", tuple(f"{c} shape" for c in COLOR_NAMES)),
+        ToyDataset("toy_textures", ("texture",), "photo", tuple(f"{t} background" for t in TEXTURES)),
+        # The downstream suite: fine-grained attribute combinations and unusual class names.
+        ToyDataset("toy_patterns", ("shape", "texture"), "photo",
+                   _combinations("{shape} on a {texture} background", "shape", "texture")),
+        ToyDataset("toy_layouts", ("shape", "position"), "photo",
+                   _combinations("{shape} in the {position}", "shape", "position")),
+        ToyDataset("toy_signs", ("color", "shape"), "photo",
+                   _combinations("{color} {shape}", "color", "shape", shape=SHAPE_SYNONYMS)),
     ]
-    datasets += [ToyDataset(f"toy_objects_{d}", "object", d, OBJECT_CLASSNAMES) for d in DOMAINS if d != "photo"]
+    datasets += [ToyDataset(f"toy_objects_{d}", ("color", "shape"), d, OBJECT_CLASSNAMES) for d in DOMAINS if d != "photo"]
     return {d.name: d for d in datasets}
 
 
@@ -107,7 +135,9 @@ def get_dataset(name: str) -> ToyDataset:
 
 
 # Caption templates with their sampling weights. The plain zero-shot form comes first and most often; partial
-# captions (shape only, color only, texture only) teach each attribute word on its own.
+# captions (shape only, color only, texture only, shape and texture) teach each attribute word on its own. A caption
+# is true of every scene that shares the attributes it names (``caption_matches``), which pretraining uses as its
+# contrastive targets: in a world of 36 compositions a batch holds many true captions per image.
 CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
     ("a photo of a {color} {shape}.", 4.0),
     ("a photo of a {size} {color} {shape}.", 2.0),
@@ -118,9 +148,16 @@ CAPTION_TEMPLATES: tuple[tuple[str, float], ...] = (
     ("a {size} {color} {shape}.", 1.0),
     ("a photo of a {shape}.", 0.7),
     ("a photo of a {color} shape.", 0.7),
-    ("a photo of a {texture} background.", 0.7),
+    ("a photo of a {texture} background.", 1.5),
+    ("a photo of a {shape} on a {texture} background.", 1.5),
+    ("a photo of a {shape} in the {position}.", 0.7),
 )
 _CAPTION_WEIGHTS = np.array([w for _, w in CAPTION_TEMPLATES]) / sum(w for _, w in CAPTION_TEMPLATES)
+ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "texture")
+# The attributes each template names, in template order.
+TEMPLATE_ATTRIBUTES: tuple[tuple[str, ...], ...] = tuple(
+    tuple(a for a in ATTRIBUTES if "{" + a + "}" in template) for template, _ in CAPTION_TEMPLATES
+)
 
 
 def caption(color: str, shape: str, size: str, position: str, texture: str, template: int = 0) -> str:
@@ -130,14 +167,13 @@ def caption(color: str, shape: str, size: str, position: str, texture: str, temp
     )
 
 
-def sample_captions(attributes: dict[str, np.ndarray], rng: np.random.Generator) -> list[str]:
-    """One caption per scene, templates drawn with their weights.
+def sample_templates(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n,) template indices drawn with the templates' weights."""
+    return rng.choice(len(CAPTION_TEMPLATES), size=n, p=_CAPTION_WEIGHTS)
 
-    Args:
-        attributes: ``{"color", "shape", "size", "position", "texture"}`` → (N,) attribute indices.
-        rng: source of the template choice.
-    """
-    templates = rng.choice(len(CAPTION_TEMPLATES), size=len(attributes["color"]), p=_CAPTION_WEIGHTS)
+
+def captions_of(attributes: dict[str, np.ndarray], templates: np.ndarray) -> list[str]:
+    """Scene ``i``'s caption with template ``templates[i]``; ``attributes`` maps each attribute name to (N,)."""
     return [
         caption(COLOR_NAMES[c], SHAPES[s], SIZES[z], POSITIONS[p], TEXTURES[t], int(k))
         for c, s, z, p, t, k in zip(
@@ -145,3 +181,25 @@ def sample_captions(attributes: dict[str, np.ndarray], rng: np.random.Generator)
             attributes["texture"], templates,
         )
     ]
+
+
+def sample_captions(attributes: dict[str, np.ndarray], rng: np.random.Generator) -> list[str]:
+    """One caption per scene, templates drawn with their weights.
+
+    Args:
+        attributes: ``{"color", "shape", "size", "position", "texture"}`` → (N,) attribute indices.
+        rng: source of the template choice.
+    """
+    return captions_of(attributes, sample_templates(len(attributes["color"]), rng))
+
+
+def caption_matches(attributes: dict[str, np.ndarray], templates: np.ndarray) -> np.ndarray:
+    """(N, N) bool: ``[i, j]`` is true when caption ``j`` (scene ``j`` with template ``templates[j]``) is a true
+    description of scene ``i``, i.e. scenes ``i`` and ``j`` agree on every attribute the template names.
+    The diagonal is true."""
+    equal = {a: attributes[a][:, None] == attributes[a][None, :] for a in ATTRIBUTES}  # (N, N) each
+    named = np.array([[a in TEMPLATE_ATTRIBUTES[k] for a in ATTRIBUTES] for k in templates])  # (N, A)
+    matches = np.ones(equal["color"].shape, dtype=bool)
+    for index, name in enumerate(ATTRIBUTES):
+        matches &= equal[name] | ~named[None, :, index]
+    return matches

@@ -25,6 +25,9 @@ EVALUATED: tuple[str, ...] = (
     "toy_shapes",
     "toy_colors",
     "toy_textures",
+    "toy_patterns",
+    "toy_layouts",
+    "toy_signs",
 )
 
 
