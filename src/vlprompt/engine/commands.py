@@ -445,8 +445,12 @@ def run_methods(args: argparse.Namespace) -> int:
 
 
 def _option_text(value: Any) -> str:
-    """A default as --set reads it back (YAML): null, true, 0.1, "a photo of a", [7.0, 3.0]."""
-    return json.dumps(value) if value is None or isinstance(value, (bool, list, str)) else str(value)
+    """A default as --set reads it back (YAML): null, true, 0.1, 1.0e-06, "a photo of a", [7.0, 3.0]."""
+    import yaml
+
+    if isinstance(value, str):
+        return json.dumps(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 def _summary_line(results: dict[str, Any]) -> str:
