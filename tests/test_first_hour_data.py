@@ -68,6 +68,22 @@ def test_own_toy_weights_load_by_path(tmp_path):
         load_clip("toy", mine)
 
 
+def test_own_toy_weights_are_part_of_the_run_identity(tmp_path):
+    from vlprompt.engine.runs import run_identity
+
+    def identity(folder):
+        return run_identity(build_config(method="coop", protocol="few_shot", dataset="toy_shapes",
+                                         overrides=["backbone.name=toy", f"backbone.pretrained={folder}"]))
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        shutil.copytree(WEIGHTS_DIR, tmp_path / name)
+        state = load_file(str(tmp_path / name / WEIGHTS_FILE))
+        state["logit_scale"] = torch.tensor(scale, dtype=state["logit_scale"].dtype)
+        save_file(state, str(tmp_path / name / WEIGHTS_FILE))
+    assert identity(tmp_path / "a") != identity(tmp_path / "b")  # other weights, other run
+    assert identity(tmp_path / "a") == identity(tmp_path / "a" / WEIGHTS_FILE)  # the folder or its file
+
+
 # --- the preset schedule follows the shots actually used -----------------------------------------------------
 
 

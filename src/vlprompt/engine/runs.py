@@ -136,6 +136,17 @@ def _is_weights_file(pretrained: str | None) -> bool:
     return pretrained is not None and _looks_like_path(pretrained)
 
 
+def _weights_file(name: str, pretrained: str) -> str:
+    """The file holding the weights ``pretrained`` names: itself, or for the toy backbone (which also takes the
+    folder ``vlprompt toyworld pretrain`` wrote) the ``toyclip.safetensors`` in that folder."""
+    if name == "toy":
+        from vlprompt.backbone import toy_weights_folder
+        from vlprompt.toyworld.model import WEIGHTS_FILE
+
+        return os.path.join(toy_weights_folder(pretrained), WEIGHTS_FILE)
+    return str(pretrained)
+
+
 # --------------------------------------------------------------------------------------------- identity
 
 
@@ -144,7 +155,7 @@ def run_identity(config: RunConfig) -> dict[str, Any]:
     identity = config.identity()
     backbone, data = identity["backbone"], identity["data"]
     if _is_weights_file(config.backbone.pretrained):
-        backbone["pretrained"] = content_identity(str(config.backbone.pretrained))
+        backbone["pretrained"] = content_identity(_weights_file(config.backbone.name, config.backbone.pretrained))
     elif _is_built_in(config.backbone.name):
         backbone["pretrained"] = "built-in"
     for name in IGNORED_DATA_OPTIONS:
@@ -282,9 +293,10 @@ class RunFolder:
             os.close(descriptor)  # releases the lock
 
     def remove_temporaries(self) -> None:
-        """Delete the ``.<file>.<random>.tmp`` files an interrupted write left (call with the lock held)."""
-        pattern = re.compile(r"\.(" + "|".join(map(re.escape, RUN_FILES)) + r")\.\w+\.tmp")
-        stale = [name for name in os.listdir(self.path) if pattern.fullmatch(name)]
+        """Delete the ``.<file>.<random>.tmp`` files an interrupted write left (call with the lock held: no
+        other process writes here then)."""
+        stale = [name for name in os.listdir(self.path)
+                 if re.fullmatch(r"\..+\.\w+\.tmp", name) and os.path.isfile(os.path.join(self.path, name))]
         for name in stale:
             os.remove(os.path.join(self.path, name))
         if stale:
