@@ -15,7 +15,7 @@ EVA-02 with rotary embeddings; :meth:`PromptableCLIP._encode_image_timm`) and CL
 attention pool's output at every position). Without prompts the forwards equal open_clip's ``encode_text`` /
 ``encode_image`` (tested). Widths, depths, context length and image size are always read from the wrapped model.
 
-Prompt conventions (METHOD_SPEC §0): text deep prompts for block ``i >= 1`` replace rows ``[start, start + b)``
+Prompt conventions (docs/methods.md, 'Conventions'): text deep prompts for block ``i >= 1`` replace rows ``[start, start + b)``
 of the sequence *before* block ``i``; visual deep prompts replace the rows that hold the visual prompts. "Depth J"
 means prompts at blocks ``0 .. J-1``, block 0 being the input embedding.
 """
@@ -463,7 +463,7 @@ class PromptableCLIP(nn.Module):
     def _encode_image_resnet(self, images: torch.Tensor) -> ImageOutput:
         """CLIP's ResNet with the attention pool's output at every position: the pool attends from each of the
         1 + HW positions (the mean token first) to all of them and open_clip keeps position 0 as the image
-        feature; the HW spatial outputs are the local features PLOT uses (METHOD_SPEC §2.4)."""
+        feature; the HW spatial outputs are the local features PLOT uses (PLOT, ICLR 2023)."""
         visual = self.visual
         x = visual.stem(images.to(self.dtype))
         for layer in (visual.layer1, visual.layer2, visual.layer3, visual.layer4):

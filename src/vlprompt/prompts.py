@@ -10,7 +10,7 @@
   visual prompt.
 * :class:`MetaNet` — CoCoOp's image-conditioned bias on the context.
 
-Sequences are ordered class-major: row ``k * N + n`` is class k with prompt n (METHOD_SPEC §1.2).
+Sequences are ordered class-major: row ``k * N + n`` is class k with prompt n (docs/methods.md, 'Conventions').
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ class VisualPrompts(nn.Module):
 class LinearCoupling(nn.Module):
     """MaPLe/ALIGN coupling: visual prompt = Linear_i(textual prompt) at every prompted depth i.
 
-    One ``Linear(W_text → W_vis)`` per depth, shared across the N prompts (METHOD_SPEC §1.3, §1.8).
+    One ``Linear(W_text → W_vis)`` per depth, shared across the N prompts (MaPLe's coupling).
     """
 
     def __init__(self, clip: PromptableCLIP, depth: int):

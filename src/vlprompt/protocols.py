@@ -1,4 +1,4 @@
-"""The four evaluation protocols, run exactly as the reference code runs them (METHOD_SPEC §4).
+"""The four evaluation protocols, run exactly as the reference code runs them (docs/datasets.md, docs/reproduce.md).
 
 * ``few_shot``      — all classes, k shots per class, seeds; test on the full test split.
 * ``base2new``      — 16 shots sampled over **all** classes first, then the first ceil(C/2) labels are the base
@@ -275,7 +275,7 @@ def _trained_earlier(config: RunConfig, folder: RunFolder) -> tuple[dict, dict] 
     """The prompts and metadata of a run whose training finished earlier (or the sibling transfer protocol's,
     copied in); None if it must train — then metrics.jsonl is made to hold the epochs of its checkpoint."""
     shared = None if os.path.isfile(folder.prompts_file) else _trained_sibling(config)
-    if shared is not None:  # cross_dataset and cross_domain evaluate the same source model (METHOD_SPEC §4.5)
+    if shared is not None:  # cross_dataset and cross_domain evaluate the same source model
         log.info("reusing the prompts trained by %s (same source training)", shared.path)
         shutil.copyfile(shared.prompts_file, folder.prompts_file)
         if os.path.isfile(shared.metrics_file):

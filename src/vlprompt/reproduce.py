@@ -42,13 +42,13 @@ PRESET_CHOICES = ("default", "code", "paper")  # "code" is another name for "def
 # Choices inside a method that no preset changes (method options; docs/methods.md), by method.
 METHOD_CHOICES = {
     "align": "token-level term sign, gradient path and cost form follow the original code (options mode, cost_form, "
-             "beta; METHOD_SPEC 6.1-6.3); prompt init 'a photo of a' on prompt 0 only (6.5); token sets as in the "
-             "code (6.6, 6.7); M = N forced by the linear coupling (6.8); Sinkhorn log-domain fp32 (6.9)",
+             "beta); prompt init 'a photo of a' on prompt 0 only; token sets as in the "
+             "code; M = N forced by the linear coupling; Sinkhorn log-domain fp32",
     "upt": "the shared tokens attend to each other as the paper describes; the released code's attention acts per "
-           "token (METHOD_SPEC 2.5, 6.12)",
-    "plot": "visual token set = the configured ViT's patch tokens (PLOT's configs are RN50; METHOD_SPEC 2.4)",
+           "token",
+    "plot": "visual token set = the configured ViT's patch tokens (PLOT's configs are RN50)",
     "maple": "cross-dataset / DG presets use prompt depth 3 (MaPLe's cross-dataset config)",
-    "aple": "a configurable reconstruction with placeholder values; no public code or numbers (METHOD_SPEC 3)",
+    "aple": "a configurable reconstruction with placeholder values; no public code or numbers",
 }
 
 
@@ -212,7 +212,7 @@ def explain(reproduction: Reproduction) -> str:
         lines += [f"missing reference cells: {' '.join(table.missing_note.split())}", ""]
     if reproduction.extra_datasets:
         lines += [f"not in the table (run, but no published number): {', '.join(reproduction.extra_datasets)}", ""]
-    lines.append("more: docs/reproduce.md ('Where paper and code differ') and METHOD_SPEC.md section 6")
+    lines.append("more: docs/reproduce.md ('Where paper and code differ') and docs/methods.md")
     return "\n".join(lines) + "\n"
 
 

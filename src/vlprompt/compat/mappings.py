@@ -2,7 +2,7 @@
 
 Every source is data: a list of :class:`Rule` (one tensor family each, original name ↔ our name) and a function
 that reads our method's options (n_ctx, N, depth, …) off the tensor shapes. Facts from the original trainers
-(METHOD_SPEC §0–§2; docs/compat.md has the tables):
+(docs/methods.md, 'Conventions'; docs/compat.md has the tables):
 
 * CoOp, CoCoOp and PLOT register only the prompt learner with Dassl, so their names are bare (``ctx``).
 * MaPLe, ALIGN (trainer ``MMP``), IVLP, PromptSRC and the MaPLe repo's VPT register the whole ``CustomCLIP``:

@@ -89,7 +89,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD + one constant warmup epoch + cosine, stepped per epoch (Dassl semantics, METHOD_SPEC §1.10).
+    """SGD + one constant warmup epoch + cosine, stepped per epoch (Dassl semantics; docs/methods.md, 'Conventions').
 
     ``epochs`` is the length E of the cosine schedule; ``stop_epoch`` (optional) ends training after that many
     epochs of the E-epoch schedule, as the original test scripts do when they load an earlier epoch
@@ -435,17 +435,20 @@ def _check_dataset(key: str, name: str) -> None:
         raise ConfigError(f"{key}: unknown dataset {name!r}; choose one of {', '.join(names)}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # training runs in float32 (at least): a larger number is infinite there
+
+
 def _check_finite(values: Any, key: str = "") -> None:
-    """Every number anywhere in the config (method options included) is finite: NaN or infinity in a learning
-    rate, a weight or a temperature only ever trains a model into NaN."""
+    """Every number anywhere in the config (method options included) is finite in float32: NaN or infinity in a
+    learning rate, a weight or a temperature only ever trains a model into NaN."""
     if isinstance(values, Mapping):
         for name, value in values.items():
             _check_finite(value, f"{key}.{name}" if key else str(name))
     elif isinstance(values, (list, tuple)):
         for value in values:
             _check_finite(value, key)
-    elif isinstance(values, float) and not math.isfinite(values):
-        raise ConfigError(f"{key} must be a finite number, got {values}")
+    elif isinstance(values, float) and not (math.isfinite(values) and abs(values) <= FLOAT32_MAX):
+        raise ConfigError(f"{key} must be a finite number (at most {FLOAT32_MAX:.4g} in size), got {values}")
 
 
 def _positive_int(key: str, value: int, minimum: int = 1) -> None:

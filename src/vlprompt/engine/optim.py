@@ -1,8 +1,8 @@
 """SGD and the per-epoch warmup + cosine learning-rate schedule of the Dassl engine.
 
 Dassl builds ``CosineAnnealingLR(T_max = MAX_EPOCH)`` wrapped in a ``ConstantWarmupScheduler`` and steps it once
-per epoch. The rates that result (METHOD_SPEC §1.10) are reproduced here as a closed formula rather than through
-stateful PyTorch schedulers, so resuming is exact and the schedule can be read top to bottom:
+per epoch. The rates that result are reproduced here as a closed formula rather than through stateful PyTorch
+schedulers, so resuming is exact and the schedule can be read top to bottom:
 
 * epochs ``e < W`` (warmup, W = 1 by default) run at the constant ``warmup_lr`` (1e-5);
 * epochs ``e >= W`` run at ``lr · ½(1 + cos(π (e − W) / E))`` with E the total number of epochs.

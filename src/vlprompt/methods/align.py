@@ -1,7 +1,7 @@
 """ALIGN: multi-mode token-level prompt alignment — the general model every prompt method here is a preset of.
 
 An image is seen through M visual prompt sets (M views, one batched encoder pass), a class through N textual
-prompts. Matching an image j with a class k (METHOD_SPEC §1.4–1.7):
+prompts. Matching an image j with a class k (docs/methods.md, 'ALIGN'):
 
 * prompt level: σ_mn = cos(z_j^m, h_k^n), ``(B, K, M, N)``;
 * token level: for every (m, n) an entropic OT between the image's token features (patches + prompt outputs)

@@ -1,6 +1,6 @@
 """APLe (Cao et al., arXiv 2401.06827): sequential two-stage multi-modal prompts with an FFT/Gaussian image adapter.
 
-Only the abstract of APLe is public; this is the configurable reconstruction of METHOD_SPEC §3.3. Every default
+Only the abstract of APLe is public; this is the configurable reconstruction described in docs/methods.md ('APLe'). Every default
 below is an assumption and docs/methods.md lists them:
 
 * prompts: IVLP-style independent deep prompts, text n_ctx 2 ("a photo of a") and vision n_ctx 2, depth 9;
@@ -89,7 +89,7 @@ class GaussianLowPassAdapter(nn.Module):
 
 @dataclass
 class ApleOptions:
-    """APLe's own options (all ASSUMED placeholders, METHOD_SPEC §3.3)."""
+    """APLe's own options (all ASSUMED placeholders; docs/methods.md, "APLe")."""
 
     adapter_on: str = "patch_tokens"  # or "pixels"
     adapter_sigma: float = 0.25

@@ -1,4 +1,4 @@
-"""VPT, CLIP variant of the MaPLe code base ("deep vision prompting"; METHOD_SPEC §2.3).
+"""VPT, CLIP variant of the MaPLe code base ("deep vision prompting"; VPT, ECCV 2022).
 
 ALIGN with M = 1 free visual prompt set, N = 0: the text side is CLIP's frozen "a photo of a {}." features.
 Deep: 8 prompt tokens at blocks 0..11 appended after the patches, N(0, 0.02²) init. ``vpt_shallow``: layer 0 only.
