@@ -129,7 +129,7 @@ def register(subparsers) -> None:
         "demo", help="run zero-shot, CoOp, MaPLe and ALIGN on the bundled toy world (no download)",
         description="Every protocol end to end on the bundled toy world with the bundled toy CLIP (nothing is "
         "downloaded): trains and evaluates zero-shot CLIP, CoOp, MaPLe and ALIGN, then writes the run folders, "
-        "report.md, CSV tables and plots (with matplotlib installed) into --output. Re-running skips finished runs.",
+        "report.md, CSV tables and plots into --output. Re-running skips finished runs.",
     )
     parser.add_argument("--output", default="vlprompt-demo", help="folder for run folders and the report")
     parser.add_argument("--quick", action="store_true", help="the reduced demo (base-to-new, zero-shot and CoOp)")
