@@ -388,7 +388,7 @@ def pickled_code_refusal(path: str | os.PathLike, names: list[str], advice: str 
     tampered = " (a call that runs commands: the file was probably tampered with)" if any(map(runs_code, names)) \
         else ""
     return CheckpointError(f"refusing {os.fspath(path)}: it contains pickled code ({', '.join(names)}){tampered}; "
-                           f"nothing from it was run" + (f". {advice}" if advice else ""))
+                           f"nothing from it was run" + (f". {advice[:1].upper()}{advice[1:]}" if advice else ""))
 
 
 # --------------------------------------------------------------------------------------------- TorchScript
@@ -416,16 +416,18 @@ def load_torchscript_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]
     seen: set[str] = set()
     with zipfile.ZipFile(source) as archive, _unreadable_as_checkpoint_error(source, "TorchScript archive"):
         prefix = _archive_prefix(archive, source)
+
+        def refuse_foreign_names() -> None:  # TorchScript's own pickles name only its classes (__torch__.*)
+            foreign = [name for name in seen if not name.startswith("__torch__.")]
+            if foreign:
+                raise pickled_code_refusal(source, foreign, advice)
+
         try:
             root, _ = _unpickle_archive(archive, prefix, source, seen)
         except CheckpointError:
-            foreign = [name for name in seen if not name.startswith("__torch__.")]
-            if foreign:
-                raise pickled_code_refusal(source, foreign, advice) from None
+            refuse_foreign_names()  # a payload that broke the read is named rather than the damage it did
             raise
-        foreign = [name for name in seen if not name.startswith("__torch__.")]
-        if foreign:
-            raise pickled_code_refusal(source, foreign, advice)
+        refuse_foreign_names()
         declarations = _ClassDeclarations(archive, prefix)
         weights: dict[str, torch.Tensor] = {}
         _collect_module_tensors(root, "", declarations, weights, source, advice, set())
