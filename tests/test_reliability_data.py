@@ -54,6 +54,17 @@ def test_short_classes_warn_with_their_counts_and_the_draw_stays_dassl_s(tmp_pat
         sample_few_shot(toy_splits({"cat": 5, "dog": 4}), 4, seed=2, use_cache=False)
 
 
+def test_data_sample_reports_short_classes_in_one_line_and_in_its_json(tmp_path, capsys):
+    out = tmp_path / "sample.json"
+    assert main(["data", "sample", "--dataset", "toy_shapes", "--root", str(tmp_path / "data"), "--shots", "20",
+                 "--seed", "1", "--out", str(out)]) == 0
+    sample = json.loads(out.read_text())
+    assert sample["short_classes"] == {name: 16 for name in ("circle", "square", "triangle", "star", "cross", "heart")}
+    err = capsys.readouterr().err
+    assert err.startswith("warning: toy_shapes: 6 of 6 classes have fewer than 20 training images") and \
+        "Warning:" not in err
+
+
 def test_shared_class_names_are_told_apart():
     splits = DatasetSplits("x", [Datum("/a", 0, "missile")], [], [], ["missile", "missile"], "{}")
     assert short_classes(splits, 1) == {"missile (label 1)": 0}

@@ -194,12 +194,25 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from vlprompt.data.fewshot import items_to_json, sample_few_shot, short_classes  # imports torch
+    import warnings
+
+    from vlprompt.data.fewshot import (  # imports torch
+        FewShotWarning,
+        items_to_json,
+        sample_few_shot,
+        short_classes,
+        shortfall_message,
+    )
 
     info, splits = _build(args)
-    subset = sample_few_shot(splits, args.shots, args.seed, cache_dir=args.cache_dir)
-    result = {"dataset": info.name, "shots": args.shots, "seed": args.seed,
-              "short_classes": short_classes(subset, args.shots), "train": items_to_json(subset.train)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FewShotWarning)  # printed below as one line
+        subset = sample_few_shot(splits, args.shots, args.seed, cache_dir=args.cache_dir)
+    short = short_classes(subset, args.shots)
+    if short:
+        print(f"warning: {shortfall_message(subset, args.shots, short)}", file=sys.stderr)
+    result = {"dataset": info.name, "shots": args.shots, "seed": args.seed, "short_classes": short,
+              "train": items_to_json(subset.train)}
     if splits.sample_val:
         result["val"] = items_to_json(subset.val)
     text = json.dumps(result, indent=1)
