@@ -50,6 +50,7 @@ class KgCoOp(Align):
         self.kg_weight = float(kg_weight)
         self.options = {**self.config.as_dict(), "kg_weight": self.kg_weight}
         self.teacher = ZeroShotTeacher(clip)
+        self._stage = self.stages()[0]  # its loss weights apply also outside the trainer
 
     def stages(self) -> list[Stage]:
         return [Stage("main", (), {"knowledge_distance": self.kg_weight})]

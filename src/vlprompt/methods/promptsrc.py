@@ -122,6 +122,7 @@ class PromptSRC(Align):
         self.options = {**self.config.as_dict(), **vars(options)}
         self.teacher = ZeroShotTeacher(clip)
         self.gpa_sum: dict[str, torch.Tensor] = {}
+        self._stage = self.stages()[0]  # its loss weights apply also outside the trainer
 
     def stages(self) -> list[Stage]:
         o = self.src
