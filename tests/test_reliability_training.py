@@ -187,6 +187,7 @@ def test_cli_results_are_bit_identical_for_zero_and_two_workers_and_on_rerunning
 
 @pytest.mark.parametrize("override, key", [
     ("optim.lr=.inf", "optim.lr"), ("optim.lr=-.inf", "optim.lr"), ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=3.5e+38", "optim.lr"),  # infinite in float32
     ("optim.weight_decay=.nan", "optim.weight_decay"), ("optim.warmup_lr=.inf", "optim.warmup_lr"),
     ("optim.per_stage.main.lr=.inf", "optim.per_stage.main.lr"),
     ("method.options.text_ctx_std=.nan", "method.options.text_ctx_std"),
