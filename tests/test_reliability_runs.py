@@ -20,6 +20,7 @@ from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.runs import RunFolder, run_dir, run_identity
 from vlprompt.errors import CheckpointError, ConfigError, RunInUseError, StorageError
 from vlprompt.protocols import run_experiment
+from vlprompt.reproduce import finished_results
 from vlprompt.sweep import write_jobs
 
 COLOURS = {"blue": (30, 30, 220), "red": (220, 30, 30), "green": (30, 200, 30)}
@@ -58,6 +59,11 @@ def test_a_finished_run_is_reused_only_by_the_same_settings(tmp_path, tree):
     assert "--overwrite" in message and "another --output" in message and "\n" not in message
     with pytest.raises(ConfigError, match=r"precision: 'fp32' -> 'bf16'"):
         run_experiment(config(tmp_path, tree, "precision=bf16"))
+    with pytest.raises(ConfigError, match="finished run with other settings"):  # a sweep checks before any job
+        write_jobs([config(tmp_path, tree, "optim.lr=0.5")])
+    # a reproduction's report reads only the runs of its own settings
+    assert finished_results([config(tmp_path, tree)]) == [first]
+    assert finished_results([config(tmp_path, tree, "optim.lr=0.5")]) == []
     assert RunFolder(run_dir(config(tmp_path, tree))).results() == first  # nothing was touched
     again = run_experiment(config(tmp_path, tree, "optim.lr=0.5"), overwrite=True)
     assert again["finished_at"] >= first["finished_at"]
@@ -162,12 +168,6 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, tree, caplog):
         run_experiment(config(tmp_path, tree))
     assert f"taking over the lock left by process {pid} on " in caplog.text
     assert Path(folder.lock_file).read_text() == ""  # released cleanly
-
-
-def test_a_sweep_refuses_a_finished_run_of_other_settings(tmp_path, tree):
-    run_experiment(config(tmp_path, tree))
-    with pytest.raises(ConfigError, match="finished run with other settings"):
-        write_jobs([config(tmp_path, tree, "optim.lr=0.5")])
 
 
 # --------------------------------------------------------------------------------------------- crashes
