@@ -160,6 +160,9 @@ def parse_key_values(pairs: list[str], option: str = "--option") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # answered without importing any command
+        print(f"vlprompt {__version__}")
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -7,12 +7,7 @@ import json
 import os
 import sys
 
-from vlprompt.data.base import missing_files
-from vlprompt.data.prepare import DEFAULT_TIMEOUT, ExtractLimits, MissingFiles, prepare
-from vlprompt.data.prepare.files import human_bytes, parse_bytes
-from vlprompt.data.registry import REGISTRY, dataset_info
-from vlprompt.data.standard import BLOBS
-from vlprompt.cli import add_alias, parse_key_values
+from vlprompt.cli import add_alias, defer_options, parse_key_values
 from vlprompt.errors import VlpromptError
 
 SHOW_MISSING = 20
@@ -67,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--download", action="store_true",
                       help="fetch missing files from the official hosts where they still serve them "
                       "(into ROOT/downloads/)")
+    defer_options(prep, _prepare_limits)  # their defaults live in vlprompt.data.prepare (urllib, the registry)
+    prep.set_defaults(func=run_prepare)
+
+
+def _prepare_limits(prep: argparse.ArgumentParser) -> None:
+    from vlprompt.data.prepare import DEFAULT_TIMEOUT, ExtractLimits
+    from vlprompt.data.prepare.files import human_bytes
+
     prep.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help=f"seconds to wait for a download host (default {DEFAULT_TIMEOUT:g})")
     limits = ExtractLimits()
@@ -77,10 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="refuse an archive that unpacks to more than R times its own size (plus "
                       f"{human_bytes(limits.allowance)}); images do not compress, so the official archives stay "
                       f"near 1 (default {limits.max_ratio:g})")
-    prep.set_defaults(func=run_prepare)
 
 
 def _size(text: str) -> int:
+    from vlprompt.data.prepare.files import parse_bytes
+
     try:
         return parse_bytes(text)
     except ValueError as error:
@@ -109,12 +113,16 @@ def _dataset_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace):
+    from vlprompt.data.registry import dataset_info
+
     info = dataset_info(args.dataset)
     options = {"check_files": False, **parse_key_values(args.option)}
     return info, info.build(args.data_root, **options)
 
 
 def run_datasets(args: argparse.Namespace) -> int:
+    from vlprompt.data.registry import REGISTRY
+
     print(f"{'name':16} {'train':>9} {'val':>7} {'test':>7} {'classes':>7}  folder under the data root")
     for info in REGISTRY.values():
         if info.counts is None:
@@ -127,6 +135,9 @@ def run_datasets(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from vlprompt.data.base import missing_files
+    from vlprompt.data.standard import BLOBS
+
     info, splits = _build(args)  # raises DataError for a missing folder, split file or a wrong hash
     ok = True
     print(f"{info.name}: {splits.num_classes} classes", end="")
@@ -163,6 +174,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 def dataset_status(info, root: str) -> tuple[str, str]:
     """``(state, detail)`` of one standard dataset under ``root``: ``present``, ``missing`` or ``incomplete``."""
+    from vlprompt.data.base import missing_files
+
     try:
         splits = info.build(root, check_files=False)
     except VlpromptError as error:
@@ -180,6 +193,8 @@ def dataset_status(info, root: str) -> tuple[str, str]:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from vlprompt.data.registry import REGISTRY
+
     print(f"{'name':16} {'state':11} details")
     states = []
     for info in REGISTRY.values():
@@ -227,6 +242,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from vlprompt.data.prepare import ExtractLimits, MissingFiles, prepare
+
     try:
         limits = ExtractLimits(max_bytes=args.max_extract_size, max_ratio=args.max_extract_ratio)
         result = prepare(args.dataset, args.data_root, args.sources, download=args.download, timeout=args.timeout,
