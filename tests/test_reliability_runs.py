@@ -49,9 +49,19 @@ class Interrupt(KeyboardInterrupt):
 # --------------------------------------------------------------------------------------------- identity
 
 
-def test_a_finished_run_is_reused_only_by_the_same_settings(tmp_path, tree):
+def test_a_finished_run_is_reused_only_by_the_same_settings(tmp_path, tree, monkeypatch):
     first = run_experiment(config(tmp_path, tree))
     assert run_experiment(config(tmp_path, tree)) == first  # same identity: reported as it is
+    open_file = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith((".lock", ".tmp")):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return open_file(path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "open", read_only)
+        assert run_experiment(config(tmp_path, tree)) == first  # a folder we may not write: read as it is
     with pytest.raises(ConfigError) as error:
         run_experiment(config(tmp_path, tree, "optim.lr=0.5"))
     message = str(error.value)

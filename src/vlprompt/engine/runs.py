@@ -264,9 +264,20 @@ class RunFolder:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the folder's exclusive lock while the block runs (module docstring); :class:`RunInUseError`
-        if another process holds it."""
-        os.makedirs(self.path, exist_ok=True)
-        descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if another process holds it. A finished run in a folder this user may not write is read without it."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if not self.finished:
+                raise VlpromptError(f"cannot write in run folder {self.path} ({error.strerror}); use another "
+                                    f"--output") from None
+            descriptor = None
+        if descriptor is None:  # nothing can be written here, by this process at least: only read
+            yield
+            return
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
