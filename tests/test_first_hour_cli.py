@@ -76,6 +76,9 @@ def test_one_spelling_per_flag_across_commands():
     assert "--from" in shown["import"] and "--from" in shown["import-original"]
     # `eval` chooses a class *set* (all/base/new); --classes always means class names
     assert "--class-set" in shown["eval"] and "--classes" not in shown["eval"]
+    # --option is a dataset option (eval, data); method options are --method-option (import, import-original)
+    assert "--method-option" in shown["import"] and "--method-option" in shown["import-original"]
+    assert "--option" not in shown["import-original"]
 
 
 @pytest.mark.parametrize("old, new", [
@@ -87,6 +90,8 @@ def test_one_spelling_per_flag_across_commands():
      ["import-original", "--from", "maple", "--checkpoint", "C", "--out", "O", "--classes", "F"]),
     (["eval", "run", "--classes", "new"], ["eval", "run", "--class-set", "new"]),
     (["bench", "--classes", "10,100"], ["bench", "--num-classes", "10,100"]),
+    (["import-original", "--from", "coop", "--checkpoint", "C", "--out", "O", "--option", "text_ctx_init=null"],
+     ["import-original", "--from", "coop", "--checkpoint", "C", "--out", "O", "--method-option", "text_ctx_init=null"]),
 ])
 def test_old_spellings_still_parse_as_the_new_ones(old, new):
     parser = build_parser()

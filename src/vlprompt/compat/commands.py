@@ -28,8 +28,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backbone", default="ViT-B-16-quickgelu",
                         help="architecture the prompts were trained on; only its shapes are used "
                              "(default: ViT-B-16-quickgelu, the released checkpoints')")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="method option overriding what the checkpoint implies, e.g. text_ctx_init=null")
+    parser.add_argument("--method-option", dest="option", action="append", default=[], metavar="KEY=VALUE",
+                        help="method option overriding what the checkpoint implies, e.g. text_ctx_init=null "
+                        "(repeatable; as in `vlprompt import`)")
+    add_alias(parser, "--option", "--method-option")  # --option means a dataset option in eval and data
     parser.set_defaults(func=run_import)
 
 
