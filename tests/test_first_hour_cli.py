@@ -180,3 +180,28 @@ def test_main_applies_threads_before_the_command_and_exports_them(monkeypatch, c
         assert seen == {"threads": 2, "torch": 2, "env": "2"}  # no option: $OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)
+
+
+def test_report_keeps_backbones_apart_and_shows_no_spread_for_one_seed(tmp_path):
+    import json
+
+    from vlprompt.report import build_tables, load_results
+
+    def write(backbone, seed, accuracy):
+        folder = tmp_path / backbone / f"seed_{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({
+            "protocol": "few_shot", "dataset": "dtd", "method": "coop", "preset": "default", "tag": "", "shots": 4,
+            "seed": seed, "metrics": {"accuracy": accuracy}, "backbone": {"name": backbone}}))
+
+    write("toy", 1, 40.0)
+    write("toy", 2, 44.0)
+    write("ViT-B-16-quickgelu/openai", 1, 60.0)
+    (table,) = build_tables(load_results(str(tmp_path)))
+    assert table.columns[:3] == ["dataset", "method", "backbone"]
+    rows = {row[2]: row[3] for row in table.rows if row[0] == "dtd"}
+    assert (rows["toy"].mean, rows["toy"].std) == (42.0, 2.0)  # never averaged with the other backbone's 60
+    assert rows["ViT-B-16-quickgelu/openai"].mean == 60.0
+    markdown = table.markdown()
+    assert "| dtd | coop | toy | 42.00 ± 2.00 |" in markdown
+    assert "| dtd | coop | ViT-B-16-quickgelu/openai | 60.00 |" in markdown and "± 0.00" not in markdown
