@@ -411,7 +411,7 @@ def _train_epoch(method, loader, optimizer, scaler, parameters, context, device,
             scaler.unscale_(optimizer)
         if not _all_finite(p.grad for p in parameters if p.grad is not None):
             reason = "gradient overflow (fp16 loss scale reduced)" if scaler.is_enabled() else "non-finite gradient"
-            _non_finite_step(scaler, counters, skipped, "nonfinite_grad", f"{where}: {reason}")
+            _non_finite_step(scaler, counters, skipped, "nonfinite_grad", f"{where}: {reason}")  # fp16 goes on
             scaler.step(optimizer)  # sees the inf found by unscale_: no update, only bookkeeping
             scaler.update()  # lowers the loss scale
             continue
