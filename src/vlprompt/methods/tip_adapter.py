@@ -105,7 +105,8 @@ class TipAdapter(FeatureMethod):
                       chunk: int = 1024) -> torch.Tensor:
         """``(len(betas), len(alphas))`` counts of correct validation predictions, in chunks of val images."""
         device = self.cache_keys.device
-        keys, values, text = self.cache_keys.float(), self.cache_values, self.text_features().to(device)
+        keys, text = self.cache_keys.float(), self.text_features().to(device)
+        key_labels = self.cache_values.argmax(dim=1)  # one-hot values: "@ V" is a sum per class (index_add)
         alpha = torch.tensor(alphas, device=device).view(-1, 1, 1)
         correct = torch.zeros(len(betas), len(alphas), dtype=torch.long)
         for start in range(0, len(val), chunk):
@@ -114,7 +115,7 @@ class TipAdapter(FeatureMethod):
             zero_shot = self.clip.logit_scale.float() * image @ text.T
             affinity = image @ keys.T
             for i, beta in enumerate(betas):
-                cache = torch.exp(-beta * (1 - affinity)) @ values  # (b, C)
+                cache = torch.zeros_like(zero_shot).index_add_(1, key_labels, torch.exp(-beta * (1 - affinity)))
                 predictions = (zero_shot + alpha * cache).argmax(-1)  # (n_α, b)
                 correct[i] += (predictions == target).sum(-1).cpu()
         return correct
