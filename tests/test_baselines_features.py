@@ -230,7 +230,6 @@ def run(tmp_path, tree, method, protocol="few_shot", extra=()):
 
 def test_features_are_cached_in_the_run_folder_and_read_back(tmp_path, tree):
     cfg, results = run(tmp_path, tree, "tip_adapter_f")
-    folder = os.path.dirname(os.path.join(tmp_path, "x"))
     from vlprompt.engine.runs import run_dir
 
     folder = run_dir(cfg)
@@ -247,10 +246,24 @@ def test_features_are_cached_in_the_run_folder_and_read_back(tmp_path, tree):
     os.remove(os.path.join(folder, "results.json"))
     again = run_experiment(cfg)
     assert again["metrics"] == results["metrics"]
+    # The saved state holds the whole cache: `vlprompt eval` (no features) gives the run's accuracy.
+    from vlprompt.cli import main
+
+    assert main(["eval", folder, "--quiet"]) == 0
+    assert json.load(open(os.path.join(folder, "eval", "custom_folder-all.json")))["correct"] == \
+        results["evaluations"]["test"]["correct"]
 
 
-def test_linear_probe_in_base_to_new_reports_base_only(tmp_path, tree):
-    _, results = run(tmp_path, tree, "linear_probe", protocol="base2new")
+def test_linear_probe_in_base_to_new_reports_base_only(tmp_path, tree, capsys):
+    cfg, results = run(tmp_path, tree, "linear_probe", protocol="base2new")
+    # `vlprompt eval` rebuilds the probe for its training classes: base evaluates again, new is one clear error
+    from vlprompt.cli import main
+    from vlprompt.engine.runs import run_dir
+
+    assert main(["eval", run_dir(cfg), "--classes", "base", "--quiet"]) == 0
+    assert f"accuracy {results['metrics']['base']:.2f}%" in capsys.readouterr().out
+    assert main(["eval", run_dir(cfg), "--classes", "new", "--quiet"]) == 2
+    assert UNSEEN in capsys.readouterr().err
     assert results["metrics"]["new"] is None and results["metrics"]["hm"] is None
     assert results["metrics"]["base"] > 0 and results["not_available"] == {"new": UNSEEN}
     assert results["training"]["epochs"] == 0 and results["training"]["feature_fit"]["c"] > 0

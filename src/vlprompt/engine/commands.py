@@ -376,9 +376,15 @@ def run_eval(args: argparse.Namespace) -> int:
     with console_logging(args.quiet):
         splits = subsample_classes(build_dataset(dataset, root, **options), args.classes)  # data before weights
         clip = load_clip(config.backbone.name, config.backbone.pretrained, device=device)
-        method = build_method(config.method.name, clip, splits.classnames, splits.template,
-                              **config.method.options).to(device)
+        # Built for the classes it was trained on (a probe's rows, a cache's labels belong to them), then moved to
+        # the evaluated ones as the protocols do.
+        method = build_method(config.method.name, clip, header.get("classnames") or splits.classnames,
+                              header.get("template") or splits.template, **config.method.options).to(device)
         method.load_prompt_state_dict(tensors)
+        method.set_classnames(splits.classnames, splits.template)
+        reason = method.unavailable_reason(splits.classnames)
+        if reason is not None:
+            raise ConfigError(f"{config.method.name} on {dataset} ({args.classes} classes): {reason}")
         transform = build_transform(False, clip.image_size, clip.image_mean, clip.image_std)
         result = evaluate(method, ImageDataset(splits.test, transform),
                           batch_size=args.batch_size or config.eval.batch_size, precision=precision, device=device,

@@ -64,10 +64,22 @@ class TipAdapter(FeatureMethod):
     # ------------------------------------------------------------------ the cache
     def prepare_features(self, features) -> None:
         """Keys from the mean of the training views, values from the labels (one row per training image)."""
-        keys = F.normalize(features.train.mean(dim=0), dim=-1)
-        self.cache_keys = nn.Parameter(keys.to(self.alpha.device))
-        self.cache_values = F.one_hot(features.train_labels, len(self.trained_classnames)).float().to(self.alpha.device)
+        self._set_cache(F.normalize(features.train.mean(dim=0), dim=-1), features.train_labels)
+
+    def _set_cache(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keys ``(N, D)`` (trained in Tip-Adapter-F) and labels ``(N,)`` (saved with them, never trained) of the
+        cache; the values are the labels one-hot."""
+        device = self.alpha.device
+        self.cache_keys = nn.Parameter(keys.float().to(device))
+        self.cache_labels = nn.Parameter(labels.float().to(device), requires_grad=False)
+        self.cache_values = F.one_hot(labels.long().to(device), len(self.trained_classnames)).float()
         self.set_stage(self.stage)
+
+    def load_prompt_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Also a cache saved by another process (``vlprompt eval``, ``vlprompt.load``): the state holds it whole."""
+        if "cache_keys" in state and "cache_labels" in state:
+            self._set_cache(state["cache_keys"], state["cache_labels"])
+        super().load_prompt_state_dict(state)
 
     def current_values(self) -> torch.Tensor:
         """``(N, K)``: the value columns of the current classes (zero for a class not trained on)."""
