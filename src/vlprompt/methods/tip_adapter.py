@@ -101,7 +101,8 @@ class TipAdapter(FeatureMethod):
         if not len(features.val):
             raise ConfigError(f"{self.name}: the alpha/beta search needs a validation split, and this dataset has "
                               "none; set method.options.search=false")
-        (beta_scale, alpha_scale), (beta_steps, alpha_steps) = self.options["search_scale"], self.options["search_steps"]
+        (beta_scale, alpha_scale), (beta_steps, alpha_steps) = self.options["search_scale"], \
+            self.options["search_steps"]
         betas, alphas = search_grid(beta_scale, beta_steps), search_grid(alpha_scale, alpha_steps)
         correct = self._grid_correct(features.val, features.val_labels, betas, alphas)  # (n_β, n_α)
         best = int(torch.argmax(correct.flatten()))  # the first maximum, β-major
