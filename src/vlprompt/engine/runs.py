@@ -13,6 +13,8 @@ only for a backbone other than ViT-B-16-quickgelu with OpenAI weights) holds:
 ``results.json``       what the run measured (accuracies per evaluated class set, per-class accuracies,
                        versions, git commit, wall time) — its presence marks the run as finished
 ``log.txt``            the human-readable log
+``features.safetensors``, ``features.json``  the frozen image features cached by a method that trains on them
+                       (:mod:`vlprompt.engine.features`), and what they are
 ``.lock``              the lock of the process that works on the run (see below)
 
 Identity. A folder is reused only by the same experiment. :func:`run_identity` is the config's
@@ -64,7 +66,7 @@ from vlprompt.errors import ConfigError, RunInUseError, VlpromptError
 log = logging.getLogger("vlprompt")
 
 RUN_FILES = ("config.json", "identity.json", "metrics.jsonl", "checkpoint.pt", "prompts.safetensors",
-             "results.json", "log.txt")
+             "results.json", "log.txt", "features.safetensors", "features.json")
 DEFAULT_BACKBONE = BackboneConfig()
 BUILT_IN_BACKBONES = ("toy", "tiny")  # + the other tiny test configs (vlprompt.backbone.TINY_CONFIGS)
 FILE_OPTIONS = ("split_file", "classnames_file")  # custom-dataset options that name a file
