@@ -30,9 +30,9 @@ COMMAND_MODULES = [
     "vlprompt.demo",
 ]
 
-# CPU threads of the heavy commands. One: on a machine whose cores other jobs share, torch's default (one thread per
-# core) spins waiting for busy cores and runs several times slower, while one thread loses little when the machine
-# is idle (docs/benchmarks.md, "CPU threads"; benchmarks/bench_threads.py).
+# CPU threads of the heavy commands. One: on a 2-core machine whose cores other jobs share, torch's default (one
+# thread per core) ran 1.6-3.9 times slower than one thread, which lost about a fifth when the machine was idle
+# (docs/benchmarks.md, "CPU threads"; benchmarks/bench_threads.py).
 DEFAULT_THREADS = 1
 
 
