@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from vlprompt.data import build_dataset
 from vlprompt.toyworld.materialize import generate_split
 from vlprompt.toyworld.pretrain import caption_match_loss
+from vlprompt.toyworld.render import generate
 from vlprompt.toyworld.world import (
     CAPTION_TEMPLATES,
     COLOR_NAMES,
@@ -84,7 +85,7 @@ def test_caption_match_loss_is_clip_loss_with_one_positive_and_spreads_over_true
         assert sign * x.grad[0, 3] > 0
 
 
-@pytest.mark.parametrize("name", ["toy_patterns", "toy_layouts", "toy_signs", "toy_objects"])
+@pytest.mark.parametrize("name", ["toy_patterns", "toy_layouts", "toy_signs", "toy_color_textures_dusk", "toy_objects"])
 def test_suite_labels_fix_the_attributes_their_class_names_say(name):
     dataset = DATASETS[name]
     labels = np.arange(len(dataset.classnames))
@@ -119,3 +120,16 @@ def test_suite_datasets_build_from_the_registry(tmp_path):
         splits = build_dataset(name, str(tmp_path), n_train_per_class=1, n_val_per_class=1, n_test_per_class=1)
         assert tuple(splits.classnames) == DATASETS[name].classnames
         assert len(splits.train) == len(DATASETS[name].classnames)
+
+
+def test_dusk_domain_is_the_photo_darkened_under_a_blue_cast():
+    photo, _ = generate(16, 9, "photo")
+    dusk, _ = generate(16, 9, "dusk")  # same scenes: dusk draws the photo's random numbers first
+    p, q = photo.astype(float), dusk.astype(float)
+    gain = (q.mean(axis=(1, 2)) - 12.0) / p.mean(axis=(1, 2))  # (16, 3) per image and channel
+    cast = np.array([0.38, 0.46, 0.85])
+    assert ((gain > cast * 0.85 - 0.02) & (gain < cast * 1.1 + 0.02)).all(), gain
+    ratio = gain / cast  # one brightness per image, shared by the channels
+    assert np.allclose(ratio, ratio.mean(axis=1, keepdims=True), atol=0.02)
+    residual = q - (p * cast * ratio.mean(axis=1)[:, None, None, None] + 12.0)
+    assert 3.0 < residual.std() < 8.0  # the low-light noise (std 5), nothing else

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "its toyclip.safetensors; default: the shipped one)")
     zeroshot.add_argument("--n-per-class", type=int, default=50, help="generated test images per class")
     zeroshot.add_argument("--seed", type=int, default=0, help="generation seed of the test images (default 0)")
+    zeroshot.add_argument("--probe", action="store_true",
+                          help="also a 16-shot linear probe on the same frozen image features, per dataset of the "
+                          "downstream suite: what the features hold beyond zero-shot")
     zeroshot.set_defaults(func=_zeroshot)
 
 
@@ -132,5 +135,10 @@ def _zeroshot(args: argparse.Namespace) -> int:
     from vlprompt.toyworld.zeroshot import evaluate_zero_shot
 
     model, _ = load_toy_clip(toy_weights_folder(args.pretrained))
+    if args.probe:
+        from vlprompt.toyworld.zeroshot import evaluate_probe_gaps
+
+        print(json.dumps(evaluate_probe_gaps(model, n_per_class=args.n_per_class, seed=args.seed), indent=2))
+        return 0
     print(json.dumps(evaluate_zero_shot(model, n_per_class=args.n_per_class, seed=args.seed), indent=2))
     return 0

@@ -86,7 +86,7 @@ def render(attributes: dict[str, np.ndarray], domain: str, rng: np.random.Genera
     n = len(attributes["color"])
     geometry = _sample_geometry(attributes, rng)
     # A painted object has wobbly brush-stroke edges; a sketch has a wobbly pencil line.
-    wobble = 0.0 if domain in ("photo", "inverted", "pixel") else _smooth_noise(rng, n, amplitude=0.04)
+    wobble = 0.0 if domain in ("photo", "inverted", "pixel", "dusk") else _smooth_noise(rng, n, amplitude=0.04)
     sdf, u, v = _object_sdf(attributes["shape"], geometry, wobble)  # (N, S, S), in units of the radius
     radius = geometry["radius"][:, None, None]
     color = _COLOR_RGB[attributes["color"]] + rng.uniform(-12, 12, size=(n, 3)).astype(np.float32)
@@ -95,9 +95,11 @@ def render(attributes: dict[str, np.ndarray], domain: str, rng: np.random.Genera
         image = _sketch(attributes, sdf, radius, color, rng)
     else:
         background = _background(attributes["texture"], rng, n)
-        image = _photo(background, sdf, u, v, radius, color, rng, noise=domain in ("photo", "inverted"))
+        image = _photo(background, sdf, u, v, radius, color, rng, noise=domain in ("photo", "inverted", "dusk"))
         if domain == "inverted":
             image = invert_lightness(image)
+        elif domain == "dusk":
+            image = _dusk(image, rng)
         elif domain == "pixel":
             image = _pixelate(image)
         elif domain == "painted":
@@ -331,6 +333,16 @@ def invert_lightness(image: np.ndarray) -> np.ndarray:
     ``255 - max - min`` inverts its lightness alone. Works on any layout with channels on axis 1 (N, 3, H, W).
     """
     return image + (255.0 - image.max(axis=1, keepdims=True) - image.min(axis=1, keepdims=True))
+
+
+def _dusk(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The photo at dusk: dark, under a strong blue cast, with low-light noise. Hues crowd together (red turns
+    maroon, pink and purple turn blue-violet) while their differences survive in the features."""
+    n = len(image)
+    cast = np.array([0.38, 0.46, 0.85], np.float32)[None, :, None, None]
+    brightness = rng.uniform(0.85, 1.1, size=(n, 1, 1, 1)).astype(np.float32)
+    noise = rng.normal(0.0, 5.0, size=(n, 1) + image.shape[2:]).astype(np.float32)
+    return image * cast * brightness + 12.0 + noise
 
 
 def _pixelate(image: np.ndarray) -> np.ndarray:

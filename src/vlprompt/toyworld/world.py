@@ -34,7 +34,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hea
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", "bottom right")
 TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "wavy", "speckled")
-DOMAINS: tuple[str, ...] = ("photo", "sketch", "pixel", "inverted", "painted")
+DOMAINS: tuple[str, ...] = ("photo", "sketch", "pixel", "inverted", "painted", "dusk")
 
 # Color i is held out with shape (i + 2) mod 6: a permutation, so each color and each shape is held out once.
 HELD_OUT: tuple[tuple[str, str], ...] = tuple(
@@ -111,13 +111,15 @@ def _build_datasets() -> dict[str, ToyDataset]:
         ToyDataset("toy_shapes", ("shape",), "photo", SHAPES),
         ToyDataset("toy_colors", ("color",), "photo", tuple(f"{c} shape" for c in COLOR_NAMES)),
         ToyDataset("toy_textures", ("texture",), "photo", tuple(f"{t} background" for t in TEXTURES)),
-        # The downstream suite: fine-grained attribute combinations and unusual class names.
+        # The downstream suite: fine-grained attribute combinations, unusual class names, a domain shift.
         ToyDataset("toy_patterns", ("shape", "texture"), "photo",
                    _combinations("{shape} on a {texture} background", "shape", "texture")),
         ToyDataset("toy_layouts", ("shape", "position"), "photo",
                    _combinations("{shape} in the {position}", "shape", "position")),
         ToyDataset("toy_signs", ("color", "shape"), "photo",
                    _combinations("{color} {shape}", "color", "shape", shape=SHAPE_SYNONYMS)),
+        ToyDataset("toy_color_textures_dusk", ("color", "texture"), "dusk",
+                   _combinations("{color} shape on a {texture} background", "color", "texture")),
     ]
     datasets += [ToyDataset(f"toy_objects_{d}", ("color", "shape"), d, OBJECT_CLASSNAMES) for d in DOMAINS if d != "photo"]
     return {d.name: d for d in datasets}
