@@ -1,9 +1,9 @@
 """The reduced demo (base-to-new on the toy world, zero-shot and CoOp) lands within documented bounds.
 
-Bounds (docs/toyworld.md): on ``toy_objects_sketch`` the shipped toy CLIP's zero-shot base and new accuracies are
-at least twice chance (1/18), CoOp's training loss goes down, and CoOp beats zero-shot on the base classes by at
-least 3 points (measured: +5 to +7). A change that breaks the backbone, the data, the engine or learning falls
-outside them.
+Bounds (docs/toyworld.md): on ``toy_objects_dusk`` the shipped toy CLIP's zero-shot base and new accuracies are at
+least three times chance (1/18; measured 32.2 and 23.6), CoOp's training loss goes down, and CoOp beats zero-shot
+on the base classes by at least half of the measured lead (+3.1 points). A change that breaks the backbone, the
+data, the engine or the schedule falls outside them; tests/test_learning.py checks learning itself with margins.
 """
 
 import json
@@ -17,9 +17,9 @@ def test_quick_demo_results_within_documented_bounds(tmp_path):
                for p in (tmp_path / "demo" / "runs").rglob("results.json")}
     assert set(results) == {"zeroshot", "coop"}
     zero_shot, coop = results["zeroshot"]["metrics"], results["coop"]["metrics"]
-    assert zero_shot["base"] >= 11 and zero_shot["new"] >= 11  # chance is 5.6 %
-    assert coop["base"] >= zero_shot["base"] + 3
+    assert zero_shot["base"] >= 17 and zero_shot["new"] >= 17  # chance is 5.6 %
+    assert coop["base"] >= zero_shot["base"] + 1.5
     losses = [json.loads(line)["loss"] for line in
-              next((tmp_path / "demo" / "runs").rglob("coop-demo@toy/**/metrics.jsonl")).read_text().splitlines()]
+              next((tmp_path / "demo" / "runs").rglob("coop-demo*/**/metrics.jsonl")).read_text().splitlines()]
     assert losses[-1] < losses[0]
-    assert "toy_objects_sketch" in markdown and any(path.endswith(".png") for path in written)
+    assert "toy_objects_dusk" in markdown and any(path.endswith(".png") for path in written)

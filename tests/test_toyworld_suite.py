@@ -133,3 +133,20 @@ def test_dusk_domain_is_the_photo_darkened_under_a_blue_cast():
     assert np.allclose(ratio, ratio.mean(axis=1, keepdims=True), atol=0.02)
     residual = q - (p * cast * ratio.mean(axis=1)[:, None, None, None] + 12.0)
     assert 3.0 < residual.std() < 8.0  # the low-light noise (std 5), nothing else
+
+
+def test_fit_probe_separates_blobs_and_its_penalty_shrinks_the_weights():
+    from vlprompt.toyworld.zeroshot import fit_probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(3, 16, generator=generator, dtype=torch.float64), dim=1)
+
+    def blobs(n):
+        labels = torch.arange(3).repeat_interleave(n)
+        return centres[labels] + 0.3 * torch.randn(3 * n, 16, generator=generator, dtype=torch.float64), labels
+
+    (train, train_labels), (test, test_labels) = blobs(16), blobs(50)
+    loose, tight = (fit_probe(train, train_labels, 3, penalty) for penalty in (1e-6, 1e-1))
+    with torch.no_grad():
+        assert (loose(test).argmax(1) == test_labels).double().mean() >= 0.95
+        assert tight.weight.norm() < loose.weight.norm() / 3

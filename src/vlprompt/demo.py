@@ -4,12 +4,12 @@ Nothing is downloaded: the images are generated (:mod:`vlprompt.toyworld`), the 
 pretrained on the toy world's photos and shipped in the package (``load_clip("toy")``). The demo trains and
 evaluates zero-shot CLIP, CoOp, MaPLe and ALIGN on a suite of toy datasets shaped like the papers' benchmarks:
 
-* few-shot (16 shots) on three datasets where zero-shot CLIP sits far below a linear probe on its own features
-  (:data:`GAP_DATASETS`: a domain shift, fine-grained attribute combinations, unusual class names), and 1 and 4
-  shots on the first of them;
+* few-shot (16 shots) on three datasets where zero-shot CLIP sits 24 to 63 points below a linear probe on its own
+  features (:data:`GAP_DATASETS`: a domain shift, fine-grained attribute combinations under that shift, unusual
+  class names);
 * base-to-new on the domain-shift dataset (16 shots, base = first half of the classes);
 * cross-domain: trained on ``toy_objects`` photos (16 shots), where zero-shot is already strong, and tested on the
-  sketch / pixel / inverted / painted domains;
+  sketch / pixel / inverted / painted / dusk domains;
 
 then writes the run folders, ``report.md``, CSV tables and plots into the output folder.
 
@@ -33,9 +33,10 @@ log = logging.getLogger("vlprompt")
 
 DEMO_METHODS = ("zeroshot", "coop", "maple", "align")
 # Where zero-shot CLIP is far below what its features hold (docs/toyworld.md, "The downstream suite").
-GAP_DATASETS = ("toy_objects_sketch", "toy_patterns", "toy_signs")
+GAP_DATASETS = ("toy_objects_dusk", "toy_color_textures_dusk", "toy_signs")
 SOURCE = "toy_objects"  # zero-shot already strong; the cross-domain source: the pretraining domain
-DOMAIN_TARGETS = ("toy_objects_sketch", "toy_objects_pixel", "toy_objects_inverted", "toy_objects_painted")
+DOMAIN_TARGETS = ("toy_objects_sketch", "toy_objects_pixel", "toy_objects_inverted", "toy_objects_painted",
+                  "toy_objects_dusk")
 
 # Learning rate per method and epochs per number of shots (batch 32), chosen on the toy world (36 classes, a tiny
 # CLIP), not the papers' values. Fewer shots get more epochs, as in CoOp's schedules, so that every run takes
@@ -62,8 +63,6 @@ class DemoPlan:
 
 FULL = DemoPlan(experiments=(
     *(("few_shot", name, 16, ()) for name in GAP_DATASETS),
-    ("few_shot", GAP_DATASETS[0], 1, ()),
-    ("few_shot", GAP_DATASETS[0], 4, ()),
     ("base2new", GAP_DATASETS[0], 16, ()),
     ("cross_domain", SOURCE, 16, DOMAIN_TARGETS),
 ))
