@@ -56,8 +56,9 @@ def test_registry_names():
         "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
         "sun397", "dtd", "eurosat", "ucf101", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r",
         "custom_folder", "custom_csv", "split_json",
-        "toy_objects", "toy_shapes", "toy_colors", "toy_textures", "toy_objects_sketch", "toy_objects_pixel",
-        "toy_objects_inverted", "toy_objects_painted",
+        "toy_objects", "toy_shapes", "toy_colors", "toy_textures", "toy_patterns", "toy_layouts", "toy_signs",
+        "toy_color_textures_dusk", "toy_objects_sketch", "toy_objects_pixel", "toy_objects_inverted",
+        "toy_objects_painted", "toy_objects_dusk",
     ]
     with pytest.raises(ConfigError, match="unknown dataset 'pets'.*oxford_pets"):
         build_dataset("pets", "/tmp")
