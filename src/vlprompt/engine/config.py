@@ -36,6 +36,7 @@ import yaml
 from vlprompt.errors import ConfigError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
 PROTOCOL_NAMES = ("few_shot", "base2new", "cross_dataset", "cross_domain")
 DEFAULT_PRESET = "default"
 
@@ -91,6 +92,9 @@ class DataConfig:
 class OptimConfig:
     """SGD + one constant warmup epoch + cosine, stepped per epoch (Dassl semantics; docs/methods.md, 'Conventions').
 
+    ``optimizer`` is ``sgd`` (Dassl's, with ``momentum``) or ``adamw`` (``adam_eps``; the feature baselines whose
+    original code uses AdamW, e.g. Tip-Adapter-F); both take ``weight_decay`` and the same schedule.
+
     ``epochs`` is the length E of the cosine schedule; ``stop_epoch`` (optional) ends training after that many
     epochs of the E-epoch schedule, as the original test scripts do when they load an earlier epoch
     (ALIGN base-to-new: E = 20, epoch 15 tested). Setting ``epochs`` without ``stop_epoch`` on top of a preset
@@ -100,6 +104,8 @@ class OptimConfig:
 
     lr: float = 0.002
     epochs: int = 5
+    optimizer: str = "sgd"
+    adam_eps: float = 1e-8
     stop_epoch: int | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -505,6 +511,10 @@ def _validate_optim(prefix: str, optim: OptimConfig) -> None:
         raise ConfigError(f"{prefix}.momentum must be in [0, 1), got {checked.momentum}")
     if checked.weight_decay < 0 or checked.warmup_lr < 0:
         raise ConfigError(f"{prefix}.weight_decay and {prefix}.warmup_lr must be >= 0")
+    if checked.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"{prefix}.optimizer must be one of {', '.join(OPTIMIZERS)}, got {checked.optimizer!r}")
+    if not checked.adam_eps > 0:
+        raise ConfigError(f"{prefix}.adam_eps must be > 0, got {checked.adam_eps}")
 
 
 def to_yaml(config: RunConfig) -> str:

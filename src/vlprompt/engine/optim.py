@@ -1,4 +1,4 @@
-"""SGD and the per-epoch warmup + cosine learning-rate schedule of the Dassl engine.
+"""SGD (or AdamW) and the per-epoch warmup + cosine learning-rate schedule of the Dassl engine.
 
 Dassl builds ``CosineAnnealingLR(T_max = MAX_EPOCH)`` wrapped in a ``ConstantWarmupScheduler`` and steps it once
 per epoch. The rates that result are reproduced here as a closed formula rather than through stateful PyTorch
@@ -27,8 +27,13 @@ def learning_rate(epoch: int, optim: OptimConfig) -> float:
     return optim.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - optim.warmup_epochs) / optim.epochs))
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.SGD:
-    """Plain SGD (no Nesterov, no dampening) with momentum and weight decay, as Dassl's defaults."""
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """Plain SGD (no Nesterov, no dampening) with momentum and weight decay, as Dassl's defaults; or AdamW
+    (``optim.optimizer = "adamw"``, decoupled ``weight_decay``, ``adam_eps``) for the methods whose original code
+    uses it. The learning rate is set by :class:`EpochSchedule` either way."""
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(list(parameters), lr=learning_rate(0, optim), eps=optim.adam_eps,
+                                 weight_decay=optim.weight_decay)
     return torch.optim.SGD(list(parameters), lr=learning_rate(0, optim), momentum=optim.momentum,
                            weight_decay=optim.weight_decay)
 
