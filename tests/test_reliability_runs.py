@@ -309,3 +309,14 @@ def test_files_are_written_with_the_users_umask(tmp_path, tree, monkeypatch):
         os.umask(previous)
     for file in (folder.config_file, folder.metrics_file, folder.prompts_file, folder.results_file):
         assert oct(os.stat(file).st_mode & 0o777) == oct(0o640), file
+
+
+def test_a_setting_added_after_a_run_was_made_counts_as_its_default(tmp_path, tree):
+    first = run_experiment(config(tmp_path, tree))
+    folder = RunFolder(run_dir(config(tmp_path, tree)))
+    stored = json.loads(Path(folder.identity_file).read_text())
+    del stored["optim"]["optimizer"], stored["optim"]["adam_eps"]  # as written before these settings existed
+    Path(folder.identity_file).write_text(json.dumps(stored))
+    assert run_experiment(config(tmp_path, tree)) == first  # the default is what the old code did
+    with pytest.raises(ConfigError, match=r"optim.optimizer: 'sgd' -> 'adamw'"):
+        run_experiment(config(tmp_path, tree, "optim.optimizer=adamw"))

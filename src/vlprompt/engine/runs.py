@@ -206,6 +206,21 @@ def content_identity(path: str) -> str:
     return f"listing-sha256:{digest.hexdigest()}"
 
 
+def with_defaults(stored: Any, defaults: Any) -> Any:
+    """``stored`` with the keys it lacks taken from ``defaults`` (nested dicts).
+
+    A setting added to the config after a run was made did not exist for that run; the rule for adding one is that
+    its default reproduces what the code did before, so the old run counts as made with the default. A missing key
+    the defaults do not know (a method option) stays missing and still differs from any value given now.
+    """
+    if not (isinstance(stored, dict) and isinstance(defaults, dict)):
+        return stored
+    filled = {key: with_defaults(value, defaults.get(key)) for key, value in stored.items()}
+    for key, value in defaults.items():
+        filled.setdefault(key, value)
+    return filled
+
+
 def diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """Dotted keys where two nested dicts differ, with both values."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -345,7 +360,7 @@ class RunFolder:
         stored = self.stored_identity()
         if stored is None:  # written before identity.json existed: its config is all there is to compare
             stored, identity = self.config().identity(), config.identity()
-        differences = diff(stored, identity)
+        differences = diff(with_defaults(stored, RunConfig().identity()), identity)
         if not differences:
             return None
         shown = "; ".join(f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in differences[:4])
