@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlprompt.engine.commands import (
+from vlprompt.cli.train import (
     _cli_values,
     _common_arguments,
     _ints,
@@ -66,7 +66,7 @@ def _workers(text: str) -> int | None:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
-    from vlprompt import reproduce
+    from vlprompt.experiments import reproduce
     from vlprompt.engine.config import to_yaml
     from vlprompt.engine.runs import RunFolder, run_dir
 

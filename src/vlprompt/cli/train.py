@@ -101,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
     report.add_argument("--ablate", default="beta", help="method option the ablation plot varies (default beta)")
     report.add_argument("--compare", choices=("paper",),
-                        help="put every cell beside the published number (vlprompt.reference): ours mean ± std, "
+                        help="put every cell beside the published number (vlprompt.experiments.reference): ours mean ± std, "
                         "paper, difference, flagged when the paper lies outside ours ± max(2·std, 1 point)")
     report.add_argument("--table", dest="reference_tables", type=_names,
                         help="with --compare: reference table(s) to compare with (default: every table with "
@@ -259,7 +259,7 @@ def sigterm_interrupts() -> Iterator[None]:
 
 def run_train(args: argparse.Namespace) -> int:
     from vlprompt.engine import distributed
-    from vlprompt.protocols import run_experiment
+    from vlprompt.experiments.protocols import run_experiment
 
     config = build_config(method=args.method, protocol=args.protocol, dataset=args.dataset, shots=args.shots,
                           seed=args.seed, preset=args.preset, config_file=args.config_file,
@@ -277,7 +277,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_protocol(args: argparse.Namespace) -> int:
     from vlprompt.engine import distributed
     from vlprompt.engine.runs import RunFolder, run_dir
-    from vlprompt.protocols import plan, sweep
+    from vlprompt.experiments.protocols import plan, sweep
 
     protocol = normalize_protocol(args.protocol)
     configs = plan(protocol, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
@@ -303,7 +303,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     from vlprompt.engine.config import load_yaml
     from vlprompt.engine.runs import RunFolder, run_dir
-    from vlprompt.sweep import expand_grid, run_sweep, write_slurm
+    from vlprompt.experiments.sweep import expand_grid, run_sweep, write_slurm
 
     grid = load_yaml(args.grid) if args.grid else {}
     if args.protocols is not None:
@@ -341,8 +341,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from vlprompt.api import backbone_for, read_prompts
-    from vlprompt.backbone import load_clip
+    from vlprompt.inference.predictor import backbone_for, read_prompts
+    from vlprompt.weights import load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform, subsample_classes
     from vlprompt.engine.checkpoint import atomic_write_text
     from vlprompt.engine.config import RunConfig
@@ -400,7 +400,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from vlprompt.report import write_report
+    from vlprompt.experiments.report import write_report
 
     if not os.path.isdir(args.runs_dir):
         raise ConfigError(f"{args.runs_dir} is not a folder")
