@@ -2,9 +2,9 @@
 
 Only this package builds parsers and prints for humans; the library below it never imports it. Each command group
 is one module here with a ``register(subparsers)`` function, listed in ``COMMAND_MODULES``: ``train`` (train, run,
-sweep, eval, report, methods), ``data`` (datasets, data), ``use`` (predict, export, explain) and ``compat``
-(import), ``experiments`` (reproduce), ``toyworld``, ``demo`` and ``bench``; ``sweep_job`` is the process a sweep
-starts for each run. This file assembles them, holds the option readers they share (``KEY=VALUE`` lists,
+eval, methods), ``data`` (datasets, data), ``use`` (predict, export, explain) and ``compat`` (import),
+``experiments`` (sweep, reproduce, report), ``toyworld``, ``demo`` and ``bench``; ``sweep_job`` is the process a
+sweep starts for each run. This file assembles them, holds the option readers they share (``KEY=VALUE`` lists,
 ``--threads``), applies ``--threads`` before a heavy command runs and turns :class:`~vlprompt.errors.VlpromptError`
 into one clear line on stderr (exit status 2) instead of a traceback.
 
