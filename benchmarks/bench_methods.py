@@ -9,7 +9,7 @@ Same as ``vlprompt bench``; see :mod:`vlprompt.bench` for what is measured and h
 
 import sys
 
-from vlprompt.bench_commands import main
+from vlprompt.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from vlprompt.backbone import load_clip
+from vlprompt.weights import load_clip
 from vlprompt.methods import available, build_method
 
 CLASSNAMES = [f"class number {i}" for i in range(1000)]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vlprompt.backbone import load_clip
+from vlprompt.weights import load_clip
 
 torch.set_num_threads(2)
 

@@ -20,7 +20,7 @@ from safetensors import safe_open
 import vlprompt
 from conftest_compat import dassl_importable
 from conftest_data import COLOURS, colour_patch_tree
-from vlprompt.api import EmptyClassListError, Predictor, RunNotFoundError, UnreadableImageError
+from vlprompt.inference.predictor import EmptyClassListError, Predictor, RunNotFoundError, UnreadableImageError
 from vlprompt.cli import main
 from vlprompt.errors import VlpromptError
 
@@ -51,7 +51,7 @@ def run(tree, tmp_path_factory):
 
 def engine_method(run_dir: Path, tree: Path):
     """The run's method and test set, built the way ``vlprompt eval`` builds them."""
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform
     from vlprompt.engine import load_prompts
     from vlprompt.engine.runs import RunFolder
@@ -67,9 +67,9 @@ def engine_method(run_dir: Path, tree: Path):
 
 
 def test_vlprompt_load_is_exported_lazily():
-    import vlprompt.api
+    import vlprompt.inference.predictor
 
-    assert vlprompt.load is vlprompt.api.load and vlprompt.Predictor is Predictor
+    assert vlprompt.load is vlprompt.inference.predictor.load and vlprompt.Predictor is Predictor
     code = "import sys, vlprompt; assert 'torch' not in sys.modules and 'load' in dir(vlprompt)"
     subprocess.run([sys.executable, "-c", code], check=True)  # `import vlprompt` stays cheap
 
@@ -250,7 +250,7 @@ def save_maple_checkpoint(path: Path, method) -> Path:
 
 
 def test_import_writes_a_run_folder_that_eval_predict_and_export_accept(tree, tmp_path, capsys):
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.compat import import_original
     from vlprompt.data import ImageDataset, build_dataset, build_transform
     from vlprompt.engine import evaluate

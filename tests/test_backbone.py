@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from vlprompt.backbone import load_clip, load_state_dict_file
+from vlprompt.weights import load_clip, load_state_dict_file
 from vlprompt.errors import CheckpointError, ConfigError
 
 TEXTS = ["a photo of a dog.", "a tabby cat on a sofa", "x", "a centered satellite photo of river."]

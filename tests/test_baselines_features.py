@@ -16,8 +16,8 @@ from vlprompt.engine.features import CachedFeatures, FeatureDataset
 from vlprompt.methods import build_method
 from vlprompt.methods.linear_probe import UNSEEN, fit_logistic, search_c
 from vlprompt.methods.tip_adapter import search_grid
-from vlprompt.protocols import run_experiment
-from vlprompt.report import base2new_table
+from vlprompt.experiments.protocols import run_experiment
+from vlprompt.experiments.report import base2new_table
 
 CLASSES = ["cat", "dog", "bird"]
 

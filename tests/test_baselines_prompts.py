@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from vlprompt import reference
+from vlprompt.experiments import reference
 from vlprompt.engine import OptimConfig, fit, load_checkpoint
 from vlprompt.engine.config import build_config
 from vlprompt.methods import build_method
 from vlprompt.methods.promptsrc import TEACHER_TEMPLATES, gaussian_epoch_weights
-from vlprompt.protocols import ELEVEN_DATASETS, harmonic_mean, run_experiment
+from vlprompt.experiments.protocols import ELEVEN_DATASETS, harmonic_mean, run_experiment
 
 CLASSES = ["cat", "dog", "sea lion"]
 TSV = Path(__file__).resolve().parents[2] / "shared" / "reference" / "align_appendix_table_d1.tsv"
@@ -251,7 +251,7 @@ def test_base_to_new_averages_of_the_readmes_are_consistent():
 
 def test_report_gives_both_h_averages_labelled(tmp_path):
     from test_report import write_run
-    from vlprompt.report import build_tables, load_results
+    from vlprompt.experiments.report import build_tables, load_results
 
     for dataset, (base, new) in {"dtd": (90.0, 30.0), "eurosat": (60.0, 60.0)}.items():
         write_run(tmp_path, "base2new", dataset, "coop", 1, {"base": base, "new": new, "hm": harmonic_mean(base, new)})

@@ -8,7 +8,7 @@ data, the engine or the schedule falls outside them; tests/test_learning.py chec
 
 import json
 
-from vlprompt.demo import QUICK, run_demo
+from vlprompt.cli.demo import QUICK, run_demo
 
 
 def test_quick_demo_results_within_documented_bounds(tmp_path):

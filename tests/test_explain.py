@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlprompt import ot
-from vlprompt.api import Predictor
+from vlprompt.inference.predictor import Predictor
 from vlprompt.cli import main
 from vlprompt.engine import save_prompts
-from vlprompt.explain import explain, render
+from vlprompt.inference.explain import explain, render
 from vlprompt.methods import build_method
 
 CLASSES = ["cat", "golden retriever", "bird"]
@@ -167,7 +167,7 @@ def test_plot_heat_maps_are_the_patch_prompt_plan(tiny_clip, tmp_path):
 
 
 def test_plot_heat_maps_on_a_resnet_lie_on_its_spatial_grid(tmp_path):
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
 
     method = trained_like(load_clip("tiny-rn"), "plot", n_text_prompts=2, text_n_ctx=4)
     predictor, x, views, text = features(method, photo(3))

@@ -99,7 +99,7 @@ def test_old_spellings_still_parse_as_the_new_ones(old, new):
 
 
 def test_import_original_reads_classes_as_the_other_commands_do(tmp_path):
-    from vlprompt.compat.commands import _classnames
+    from vlprompt.cli.compat import _classnames
 
     parser = build_parser()
     (tmp_path / "classes.txt").write_text("golden retriever\n# a comment\ntabby cat\n")
@@ -171,7 +171,7 @@ def test_main_applies_threads_before_the_command_and_exports_them(monkeypatch, c
         seen.update(threads=args.threads, torch=torch.get_num_threads(), env=os.environ["OMP_NUM_THREADS"])
         return 0
 
-    monkeypatch.setattr("vlprompt.bench_commands.run_bench", fake_bench)
+    monkeypatch.setattr("vlprompt.cli.bench.run_bench", fake_bench)
     try:
         assert main(["bench", "--threads", "1"]) == 0
         assert seen == {"threads": 1, "torch": 1, "env": "1"}  # worker processes inherit the environment
@@ -185,7 +185,7 @@ def test_main_applies_threads_before_the_command_and_exports_them(monkeypatch, c
 def test_report_keeps_backbones_apart_and_shows_no_spread_for_one_seed(tmp_path):
     import json
 
-    from vlprompt.report import build_tables, load_results
+    from vlprompt.experiments.report import build_tables, load_results
 
     def write(backbone, seed, accuracy):
         folder = tmp_path / backbone / f"seed_{seed}"

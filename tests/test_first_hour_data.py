@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vlprompt
-from vlprompt.backbone import load_clip
+from vlprompt.weights import load_clip
 from vlprompt.cli import main
 from vlprompt.data import build_dataset
 from vlprompt.data.registry import REGISTRY

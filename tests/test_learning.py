@@ -1,7 +1,7 @@
 """The learning tier: CoOp, MaPLe and ALIGN must learn, end to end, on a fixed small toy task.
 
 Task: 4-shot ``toy_signs`` with the shipped toy CLIP, through the same engine path as ``vlprompt train``
-(:func:`vlprompt.protocols.run_experiment`). Its 36 classes are color × shape compositions whose shapes are named
+(:func:`vlprompt.experiments.protocols.run_experiment`). Its 36 classes are color × shape compositions whose shapes are named
 with words the toy CLIP never read in pretraining ("red disc", "blue wedge", ...): zero-shot CLIP gets the color
 right and guesses the shape, and every point above that is learned from the shots. Each method, with each of three
 seeds, must beat zero-shot by at least its :data:`MARGIN`: half the smallest gain measured for that method
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlprompt.demo import DEMO_LR, DEMO_METHOD_OPTIONS
+from vlprompt.cli.demo import DEMO_LR, DEMO_METHOD_OPTIONS
 from vlprompt.engine.config import build_config
-from vlprompt.protocols import run_experiment
+from vlprompt.experiments.protocols import run_experiment
 
 DATASET = "toy_signs"
 SHOTS = 4

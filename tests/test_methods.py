@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest_methods import cached_features, perturb
 from vlprompt import ot
-from vlprompt.backbone import load_clip
+from vlprompt.weights import load_clip
 from vlprompt.errors import ConfigError
 from vlprompt.methods import available, build_method
 

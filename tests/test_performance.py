@@ -6,7 +6,8 @@ import torch
 
 from conftest_methods import perturb
 from vlprompt import ot
-from vlprompt.backbone import _is_plain_block, _plain_block_forward, load_clip
+from vlprompt.backbone import _is_plain_block, _plain_block_forward
+from vlprompt.weights import load_clip
 from vlprompt.bench import (BenchReport, BenchSettings, encode_views_per_view, imagenet_names, interleaved,
                             render_markdown, run, shipped_classnames, token_ot_one_call)
 from vlprompt.methods import available, build_method

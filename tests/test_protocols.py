@@ -11,7 +11,7 @@ from vlprompt.engine import build_config
 from vlprompt.engine.checkpoint import load_prompts
 from vlprompt.engine.runs import RunFolder, run_dir
 from vlprompt.errors import ConfigError
-from vlprompt.protocols import PROTOCOLS, harmonic_mean, plan, run_experiment
+from vlprompt.experiments.protocols import PROTOCOLS, harmonic_mean, plan, run_experiment
 
 
 def make_tree(root, colours, train=3, test=2):

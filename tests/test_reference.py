@@ -3,9 +3,9 @@ and new, DG averages from their targets; every cell names a source; gaps are exp
 
 import pytest
 
-from vlprompt import reference
+from vlprompt.experiments import reference
 from vlprompt.errors import ConfigError
-from vlprompt.protocols import ELEVEN_DATASETS, harmonic_mean
+from vlprompt.experiments.protocols import ELEVEN_DATASETS, harmonic_mean
 
 # ALIGN App. Table D.1 as METHOD_SPEC 5.2 transcribes it: 11-dataset averages at 1/2/4/8/16 shots ...
 D1_AVERAGES = {

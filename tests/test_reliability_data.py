@@ -23,7 +23,7 @@ from vlprompt.data.prepare.files import extract, parse_bytes
 from vlprompt.engine import build_config
 from vlprompt.engine.runs import RunFolder, run_dir
 from vlprompt.errors import DataError
-from vlprompt.protocols import run_experiment
+from vlprompt.experiments.protocols import run_experiment
 
 # --- shots larger than a class ---------------------------------------------------------------------------
 

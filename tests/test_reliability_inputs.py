@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest_data import colour_patch_tree
-from vlprompt.backbone import TINY_CONFIGS, load_clip, load_state_dict_file
+from vlprompt.weights import TINY_CONFIGS, load_clip, load_state_dict_file
 from vlprompt.cli import main, parse_key_values
 from vlprompt.errors import CheckpointError, ConfigError
 
@@ -360,15 +360,15 @@ def tiny_prompts(tree, tmp_path):
 
 def test_eval_predict_and_load_rebuild_on_the_header_backbone(tiny_prompts, tree, tmp_path, monkeypatch, capsys):
     import vlprompt
-    import vlprompt.backbone
+    import vlprompt.weights
 
-    real_load_clip, requested = vlprompt.backbone.load_clip, []
+    real_load_clip, requested = vlprompt.weights.load_clip, []
 
     def recording_load_clip(name, pretrained=None, **kwargs):
         requested.append((name, pretrained))
         return real_load_clip(name, pretrained, **kwargs)
 
-    monkeypatch.setattr(vlprompt.backbone, "load_clip", recording_load_clip)
+    monkeypatch.setattr(vlprompt.weights, "load_clip", recording_load_clip)
     image = next(tree.rglob("*.png"))
     assert main(["eval", str(tiny_prompts), "--dataset", "custom_folder", "--data-root", str(tree), "--quiet"]) == 0
     assert main(["predict", "--run", str(tiny_prompts), "--images", str(image)]) == 0

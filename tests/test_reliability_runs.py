@@ -19,9 +19,9 @@ from vlprompt.engine import build_config
 from vlprompt.engine import checkpoint as ckpt
 from vlprompt.engine.runs import RunFolder, run_dir, run_identity
 from vlprompt.errors import CheckpointError, ConfigError, RunInUseError, StorageError
-from vlprompt.protocols import run_experiment
-from vlprompt.reproduce import finished_results
-from vlprompt.sweep import write_jobs
+from vlprompt.experiments.protocols import run_experiment
+from vlprompt.experiments.reproduce import finished_results
+from vlprompt.experiments.sweep import write_jobs
 
 COLOURS = {"blue": (30, 30, 220), "red": (220, 30, 30), "green": (30, 200, 30)}
 

@@ -365,7 +365,7 @@ def test_demo_shows_no_open_clip_tokenizer_lines(tmp_path):
     """open_clip logs "Parsing tokenizer identifier" at INFO on the root logger; the demo shows vlprompt's INFO
     lines only. (A subprocess: pytest's own root handlers would hide what the command sets up.)"""
     script = (
-        "import logging, open_clip, vlprompt.demo as demo\n"
+        "import logging, open_clip, vlprompt.cli.demo as demo\n"
         "from vlprompt.cli import main\n"
         "def fake_run_demo(*args, **kwargs):\n"
         "    open_clip.get_tokenizer('ViT-B-16')\n"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vlprompt.cli import main
-from vlprompt.report import Stat, build_tables, load_results, write_report
+from vlprompt.experiments.report import Stat, build_tables, load_results, write_report
 
 
 def write_run(root: Path, protocol: str, dataset: str, method: str, seed: int, metrics: dict, shots: int = 16,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from conftest_data import make_split_tree
 
-from vlprompt import reference, reproduce
+from vlprompt.experiments import reference, reproduce
 from vlprompt.cli import main
 from vlprompt.errors import ConfigError
-from vlprompt.report import MIN_TOLERANCE, STD_FACTOR, Stat, compare, harmonic_mean
+from vlprompt.experiments.comparison import MIN_TOLERANCE, STD_FACTOR, compare
+from vlprompt.experiments.results import Stat, harmonic_mean
 
 # ALIGN at 16 shots on DTD: the only few-shot cells with a per-dataset published number are ALIGN's 16-shot ones.
 # The tiny settings (1 prompt per side, no token level, 1 epoch, 2 steps) keep each run to seconds on a CPU.
@@ -137,14 +138,14 @@ def test_workers_go_through_the_sweep_runner(monkeypatch):
         return [types.SimpleNamespace(status="done", run_dir="a"), types.SimpleNamespace(
             status="failed", run_dir="b", returncode=1, log_file="b.log")]
 
-    monkeypatch.setitem(sys.modules, "vlprompt.sweep", types.SimpleNamespace(run_sweep=fake_run_sweep))
+    monkeypatch.setitem(sys.modules, "vlprompt.experiments.sweep", types.SimpleNamespace(run_sweep=fake_run_sweep))
     assert reproduce.run_grid(configs, workers=2) == ["b"]  # failures are returned, not hidden
     assert reproduce.run_grid(configs, workers=None, overwrite=True) == ["b"]  # None: one worker per GPU
     assert calls == [(2, 2, False), (2, None, True)]
     # without the parallel runner: one after another in this process
     sequential = []
-    monkeypatch.setitem(sys.modules, "vlprompt.sweep", None)
-    monkeypatch.setattr("vlprompt.protocols.sweep", lambda configs, overwrite=False: sequential.append(len(configs)))
+    monkeypatch.setitem(sys.modules, "vlprompt.experiments.sweep", None)
+    monkeypatch.setattr("vlprompt.experiments.protocols.sweep", lambda configs, overwrite=False: sequential.append(len(configs)))
     assert reproduce.run_grid(configs, workers=4) == [] and sequential == [2]
 
 

@@ -14,8 +14,8 @@ from conftest_data import colour_patch_tree
 from vlprompt.cli import main
 from vlprompt.engine.runs import RunFolder, run_dir
 from vlprompt.errors import ConfigError
-from vlprompt.sweep import expand_grid, read_events, read_job, run_sweep, write_slurm
-from vlprompt.sweep import main as job_main
+from vlprompt.experiments.sweep import expand_grid, read_events, read_job, run_sweep, write_slurm
+from vlprompt.cli.sweep_job import main as job_main
 
 COLOURS = {"blue": (30, 30, 220), "green": (30, 200, 30), "red": (220, 30, 30)}
 
@@ -70,13 +70,13 @@ def test_slurm_array_script_and_jobs_file(tree, tmp_path, capsys):
         assert line + "\n" in text, line
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert srun == (f"srun {sys.executable} -m torch.distributed.run --standalone --nproc-per-node=2 -m "
-                    f'vlprompt.sweep {os.path.abspath(jobs)} "$SLURM_ARRAY_TASK_ID"')
+                    f'vlprompt.cli.sweep_job {os.path.abspath(jobs)} "$SLURM_ARRAY_TASK_ID"')
     assert f"--output={os.path.abspath(out / 'sweep' / 'logs')}/slurm-" in text
     # every #SBATCH line comes before the first command (sbatch stops reading them there)
     lines = text.splitlines()
     assert max(i for i, l in enumerate(lines) if l.startswith("#SBATCH")) < lines.index("set -euo pipefail")
 
-    # what an array task runs: job 1 (python -m vlprompt.sweep JOBS 1), here in-process
+    # what an array task runs: job 1 (python -m vlprompt.cli.sweep_job JOBS 1), here in-process
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert job_main([jobs, "1"]) == 0
@@ -90,16 +90,17 @@ def test_slurm_array_script_and_jobs_file(tree, tmp_path, capsys):
     assert "(2 of 3 runs to do)" in printed and "sbatch " in printed
     new_script = printed.split("sbatch ")[1].split()[0]
     assert "#SBATCH --array=0-1\n" in Path(new_script).read_text()
-    assert f"srun {sys.executable} -m vlprompt.sweep " in Path(new_script).read_text()
+    assert f"srun {sys.executable} -m vlprompt.cli.sweep_job " in Path(new_script).read_text()
 
 
 INTERRUPTING_JOB = '''
 import os, signal, sys, time
 
-from vlprompt import sweep
+from vlprompt.cli import sweep_job
+from vlprompt.experiments import sweep
 from vlprompt.engine import runs
 
-jobs_file, index = sys.argv[3], int(sys.argv[4])  # argv: -m vlprompt.sweep JOBS_FILE INDEX
+jobs_file, index = sys.argv[3], int(sys.argv[4])  # argv: -m vlprompt.cli.sweep_job JOBS_FILE INDEX
 if index == 1:
     first = sweep.read_job(jobs_file, 0)["run_dir"]
     append_metrics = runs.RunFolder.append_metrics
@@ -112,7 +113,7 @@ if index == 1:
         time.sleep(300)
 
     runs.RunFolder.append_metrics = append_then_interrupt_the_sweep
-sys.exit(sweep.main([jobs_file, str(index)]))
+sys.exit(sweep_job.main([jobs_file, str(index)]))
 '''
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vlprompt.errors import CheckpointError, DataError
-from vlprompt.toyworld.commands import register
+from vlprompt.cli.toyworld import register
 from vlprompt.toyworld.materialize import generate_split, materialize
 from vlprompt.toyworld.model import MODEL_CFG, WEIGHTS_DIR, WEIGHTS_FILE, build_toy_clip, get_tokenizer, load_toy_clip
 from vlprompt.toyworld.pretrain import PretrainConfig, _batch, encode_text_truncated, pretrain

@@ -22,7 +22,8 @@ class LazyPackage(types.ModuleType):
         submodule = self._lazy_exports.get(name)
         if submodule is None:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{self.__name__}.{submodule}"), name)
+        module = submodule if submodule.startswith("vlprompt.") else f"{self.__name__}.{submodule}"
+        value = getattr(importlib.import_module(module), name)
         setattr(self, name, value)
         return value
 
@@ -39,7 +40,8 @@ class LazyPackage(types.ModuleType):
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> None:
-    """Make ``package`` (a module's ``__name__``) serve ``exports`` (public name → submodule name) on first use."""
+    """Make ``package`` (a module's ``__name__``) serve ``exports`` (public name → submodule name, or the full name
+    of a module elsewhere in vlprompt) on first use."""
     module = sys.modules[package]
     module.__class__ = LazyPackage
     module._lazy_exports = dict(exports)

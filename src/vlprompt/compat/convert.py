@@ -12,7 +12,7 @@ import torch
 
 from vlprompt.backbone import PromptableCLIP
 from vlprompt.compat.mappings import Layout, layout_for
-from vlprompt.compat.unpickler import load_pickled, runs_code
+from vlprompt.weights.unpickler import load_pickled, runs_code
 from vlprompt.errors import CheckpointError, ConfigError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import PromptMethod

@@ -1,9 +1,9 @@
 """Training engine: config, optimiser and schedule, the training loop, evaluation, checkpoints and run folders.
 
-Typical use from Python (the CLI does the same through :mod:`vlprompt.protocols`)::
+Typical use from Python (the CLI does the same through :mod:`vlprompt.experiments.protocols`)::
 
     from vlprompt.engine import build_config
-    from vlprompt.protocols import run_experiment
+    from vlprompt.experiments.protocols import run_experiment
 
     config = build_config(method="coop", protocol="base2new", dataset="dtd", seed=1,
                           overrides=["data.root=~/data"])

@@ -177,7 +177,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # it names classes or functions: say which (read as data, never imported)
-        from vlprompt.compat.unpickler import pickled_code_refusal, pickled_names
+        from vlprompt.weights.unpickler import pickled_code_refusal, pickled_names
 
         raise pickled_code_refusal(path, pickled_names(path) or ["unsupported objects"], fix) from None
     except Exception as error:  # noqa: BLE001 - any unreadable file is a user-facing checkpoint error

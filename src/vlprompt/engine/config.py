@@ -4,7 +4,7 @@ A run is described by one :class:`RunConfig` (nested dataclasses, stored as plai
 It is assembled in this order, later sources winning:
 
 1. the dataclass defaults below;
-2. the packaged preset of the (method, protocol) pair (``vlprompt/presets/<method>/<protocol>.yaml``): its
+2. the packaged preset of the (method, protocol) pair (``vlprompt/engine/presets/<method>/<protocol>.yaml``): its
    ``default`` section reproduces the original code, named variants (``paper``) are applied on top of it;
    inside a preset, ``by_shots`` and ``by_dataset`` sections refine it (e.g. few-shot epochs per shot count);
 3. a user YAML file (same shape as :meth:`RunConfig.to_dict`), then the dedicated command-line options
@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -34,6 +33,7 @@ from typing import Any, Mapping
 import yaml
 
 from vlprompt.errors import ConfigError
+from vlprompt.values import coerce_to_type
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -187,38 +187,8 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
         else:
-            kwargs[key] = _coerce(value, hint, prefix + key)
+            kwargs[key] = coerce_to_type(value, hint, prefix + key)
     return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
-    if origin is dict and isinstance(value, Mapping):
-        return copy.deepcopy(dict(value))
-    if origin is list and isinstance(value, (list, tuple)):
-        return [_coerce(item, args[0], key) for item in value] if args else list(value)
-    if origin is list and isinstance(value, str):  # "a,b,c" from the command line
-        return [_coerce(item.strip(), args[0], key) for item in value.split(",") if item.strip()]
-    expected = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key} must be of type {expected}, got {value!r}")
 
 
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,7 +271,7 @@ def normalize_protocol(name: str) -> str:
 
 def preset_file(method: str, protocol: str) -> dict[str, Any] | None:
     """The raw preset file of (method, protocol), or None if the library ships none."""
-    resource = resources.files("vlprompt") / "presets" / method / f"{protocol}.yaml"
+    resource = resources.files("vlprompt.engine") / "presets" / method / f"{protocol}.yaml"
     if not resource.is_file():
         return None
     return yaml.safe_load(resource.read_text(encoding="utf-8")) or {}
@@ -426,7 +396,7 @@ def _check_method_options(name: str, options: dict[str, Any]) -> None:
 
 def _check_backbone(name: str, pretrained: str | None) -> None:
     """A known architecture, and an open_clip tag it has (local files are checked when read)."""
-    from vlprompt.backbone import check_backbone
+    from vlprompt.weights import check_backbone
 
     check_backbone(name, pretrained)
 

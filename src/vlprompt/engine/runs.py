@@ -39,9 +39,12 @@ Lock. One process at a time works on a run folder: :meth:`RunFolder.claim` holds
 ``.lock`` (which records pid, host and start time) from before the folder is read until the run ends; a second
 process gets one :class:`~vlprompt.errors.RunInUseError` naming the holder. The kernel drops the lock when its
 process dies, so a lock left by a killed process is taken over, with a warning naming it. ``vlprompt train``,
-``run``, ``sweep`` (each job) and ``reproduce`` all run through :func:`vlprompt.protocols.run_experiment`, which
+``run``, ``sweep`` (each job) and ``reproduce`` all run through :func:`vlprompt.experiments.protocols.run_experiment`, which
 claims the folder; under ``torchrun`` rank 0 alone claims it and writes. Taking the lock also removes the
 temporary files an interrupted write left (``.<file>.<random>.tmp``).
+
+Kept as one module (~510 lines) on purpose: everything that reads or writes a run folder (its files, the lock,
+the identity that decides whether a finished run is the same run) is here, so the folder's format has one owner.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ log = logging.getLogger("vlprompt")
 RUN_FILES = ("config.json", "identity.json", "metrics.jsonl", "checkpoint.pt", "prompts.safetensors",
              "results.json", "log.txt", "features.safetensors", "features.json")
 DEFAULT_BACKBONE = BackboneConfig()
-BUILT_IN_BACKBONES = ("toy", "tiny")  # + the other tiny test configs (vlprompt.backbone.TINY_CONFIGS)
+BUILT_IN_BACKBONES = ("toy", "tiny")  # + the other tiny test configs (vlprompt.weights.TINY_CONFIGS)
 FILE_OPTIONS = ("split_file", "classnames_file")  # custom-dataset options that name a file
 IGNORED_DATA_OPTIONS = ("check_files",)  # options that do not change what is read
 
@@ -127,13 +130,13 @@ def _is_custom(dataset: str) -> bool:
 
 
 def _is_built_in(name: str) -> bool:
-    from vlprompt.backbone import TINY_CONFIGS
+    from vlprompt.weights import TINY_CONFIGS
 
     return name in BUILT_IN_BACKBONES or name in TINY_CONFIGS
 
 
 def _is_weights_file(pretrained: str | None) -> bool:
-    from vlprompt.backbone import _looks_like_path  # the rule load_clip uses to tell a file from a tag
+    from vlprompt.weights import _looks_like_path  # the rule load_clip uses to tell a file from a tag
 
     return pretrained is not None and _looks_like_path(pretrained)
 
@@ -142,7 +145,7 @@ def _weights_file(name: str, pretrained: str) -> str:
     """The file holding the weights ``pretrained`` names: itself, or for the toy backbone (which also takes the
     folder ``vlprompt toyworld pretrain`` wrote) the ``toyclip.safetensors`` in that folder."""
     if name == "toy":
-        from vlprompt.backbone import toy_weights_folder
+        from vlprompt.weights import toy_weights_folder
         from vlprompt.toyworld.model import WEIGHTS_FILE
 
         return os.path.join(toy_weights_folder(pretrained), WEIGHTS_FILE)

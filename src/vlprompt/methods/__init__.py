@@ -95,6 +95,9 @@ def available() -> list[str]:
     return sorted(FACTORIES)
 
 
+available_methods = available  # the name ``vlprompt.available_methods`` exports
+
+
 def build_method(name: str, clip: PromptableCLIP, classnames: Sequence[str], template: str = "a photo of a {}.",
                  **overrides) -> PromptMethod:
     """Build method ``name`` for ``classnames``; ``overrides`` replace preset values (unknown keys are an error)."""

@@ -1,6 +1,6 @@
 """Each method's options with their defaults, as its builder resolves them (``vlprompt methods`` prints them).
 
-These are the builder's defaults: a protocol's preset (``vlprompt/presets``) may change some of them for a run, and
+These are the builder's defaults: a protocol's preset (``vlprompt/engine/presets``) may change some of them for a run, and
 ``--set method.options.KEY=VALUE`` (or ``build_method(..., KEY=VALUE)``) changes any of them. Prompt depths are the
 original code's; on a backbone with fewer layers they are clamped to its depth when the method is built.
 """

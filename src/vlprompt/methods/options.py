@@ -3,7 +3,7 @@
 A method declares its options in :data:`vlprompt.methods.OPTIONS` as one or more sources: a dataclass (its
 annotated fields) or a mapping of defaults (an option named like an :class:`~vlprompt.methods.align.AlignConfig`
 field has that field's type, any other the type of its default). :func:`check_options` reads user values against
-those types with the config's own rules (:func:`vlprompt.engine.config._coerce`: an integer is a valid float,
+those types with the config's own rules (:func:`vlprompt.values.coerce_to_type`: an integer is a valid float,
 a comma-separated text a valid list) and one rule more: a number is never read as text (``text_ctx_init=123`` is
 a mistake, not the words "123"). A wrong name, type or choice is one :class:`~vlprompt.errors.ConfigError` naming
 the option and what is allowed, raised by ``vlprompt train --print-config`` as well as before a run starts.
@@ -16,8 +16,8 @@ import types
 import typing
 from typing import Any, Mapping
 
-from vlprompt.engine.config import _coerce as coerce_to_type
 from vlprompt.errors import ConfigError
+from vlprompt.values import coerce_to_type
 
 
 def option_types(*sources: Any) -> dict[str, Any]:

@@ -28,6 +28,11 @@ Archives are extracted by :func:`~vlprompt.data.prepare.files.extract`: a member
 Downloads (``download=True``) go to ``root/downloads/`` through ``*.part`` files, are md5-checked where the
 sum is published, and are kept (a re-run uses them). A host that does not answer within ``timeout`` seconds
 fails the command with the manual instructions (:func:`instructions`).
+
+Kept as one module (~550 lines) on purpose: the steps of one preparation (find the given files, download what is
+missing, build in a staging folder, mark the dataset ready) read top to bottom in the order they run; the file and
+recipe details are in
+:mod:`~vlprompt.data.prepare.files`, :mod:`~vlprompt.data.prepare.recipes` and :mod:`~vlprompt.data.prepare.convert`.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def _materialize(args: argparse.Namespace) -> int:
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    from vlprompt.backbone import toy_weights_folder
+    from vlprompt.weights import toy_weights_folder
     from vlprompt.toyworld.model import load_toy_clip
     from vlprompt.toyworld.zeroshot import evaluate_zero_shot
 

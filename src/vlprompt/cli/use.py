@@ -19,7 +19,7 @@ import os
 import sys
 
 from vlprompt.cli import defer_options, parse_key_values
-from vlprompt.compat.commands import add_source_option
+from vlprompt.cli.compat import add_source_option
 from vlprompt.errors import ConfigError, VlpromptError
 
 
@@ -97,7 +97,7 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_classnames(text: str | None) -> list[str] | None:
     """``a,b,c`` or a text file with one class name per line (blank lines and ``#`` comments ignored)."""
-    from vlprompt.api import EmptyClassListError
+    from vlprompt.inference.predictor import EmptyClassListError
 
     if text is None:
         return None
@@ -125,7 +125,7 @@ def _load(args: argparse.Namespace):
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from vlprompt.api import find_images
+    from vlprompt.inference.predictor import find_images
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
@@ -138,7 +138,7 @@ def run_predict(args: argparse.Namespace) -> int:
     for path in result.skipped:
         print(f"vlprompt predict: skipped unreadable image {path}", file=sys.stderr)
     if not len(result):
-        from vlprompt.api import UnreadableImageError
+        from vlprompt.inference.predictor import UnreadableImageError
 
         raise UnreadableImageError(result.skipped[0], f"none of the {len(result.skipped)} images could be read")
     k = min(args.top_k, len(result.classnames))
@@ -167,7 +167,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from vlprompt.api import export_prompts, read_prompts
+    from vlprompt.inference.predictor import export_prompts, read_prompts
 
     header = export_prompts(args.run, args.out)
     tensors, _ = read_prompts(args.out)
@@ -181,7 +181,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from vlprompt.explain import explain, render
+    from vlprompt.inference.explain import explain, render
 
     classnames = read_classnames(args.classes)
     predictor = _load(args)
@@ -210,7 +210,7 @@ def _backbone_label(name: str, pretrained: str | None) -> str:
 
 def run_import(args: argparse.Namespace) -> int:
     from vlprompt import __version__
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.compat.convert import read_original
     from vlprompt.engine.checkpoint import atomic_write_text, save_prompts
     from vlprompt.engine.config import RunConfig, merge, parse_override, validate

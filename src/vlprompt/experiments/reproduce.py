@@ -1,13 +1,13 @@
 """Reproduce a published table in one call: its whole grid of runs with the right presets, then the report that
 puts every cell beside the published number.
 
-A reproducible table is a reference table of :mod:`vlprompt.reference` (the published numbers, with sources) whose
+A reproducible table is a reference table of :mod:`vlprompt.experiments.reference` (the published numbers, with sources) whose
 file also names the grid that produced it (methods, seeds; datasets and shots are the table's). :func:`plan` turns
 it into run configs — each method with its preset for the table's protocol, ``default`` (the original code's
 values) or ``paper`` (the paper's, where the method has such a variant) — restricted by ``methods``/``datasets``/
 ``shots``/``seeds`` if asked; :func:`reproduce` runs them (finished runs are skipped, unfinished ones resume;
-``workers`` > 1 runs them in parallel processes through :func:`vlprompt.sweep.run_sweep`) and writes the report with
-the comparison (:func:`vlprompt.report.write_report` with ``compare="paper"``).
+``workers`` > 1 runs them in parallel processes through :func:`vlprompt.experiments.sweep.run_sweep`) and writes the report with
+the comparison (:func:`vlprompt.experiments.report.write_report` with ``compare="paper"``).
 
 :func:`explain` lists where the two presets differ for the grid and what else the table's numbers depend on;
 :func:`estimate` gives the expected time on one GPU from the epochs and image counts of every run and an assumed
@@ -23,7 +23,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from vlprompt import reference
+from vlprompt.experiments import reference
 from vlprompt.engine.config import (
     DEFAULT_PRESET,
     RunConfig,
@@ -126,17 +126,17 @@ def run_grid(configs: Sequence[RunConfig], *, workers: int | None = 1, overwrite
     """Run the configs (finished runs skipped, unfinished ones resumed); return the run folders that failed.
 
     ``workers`` 1 runs them one after another in this process; more (or None: one per visible GPU) runs them in
-    parallel worker processes through :func:`vlprompt.sweep.run_sweep` (each job's log in ``<output>/sweep/logs``).
+    parallel worker processes through :func:`vlprompt.experiments.sweep.run_sweep` (each job's log in ``<output>/sweep/logs``).
     """
     if workers == 1 or len(configs) <= 1:
-        from vlprompt.protocols import sweep
+        from vlprompt.experiments.protocols import sweep
 
         sweep(configs, overwrite=overwrite)
         return []
     try:
-        from vlprompt.sweep import run_sweep
+        from vlprompt.experiments.sweep import run_sweep
     except ImportError:  # the parallel runner is not part of this installation
-        log.warning("the parallel sweep runner (vlprompt.sweep) is not available; running the %d runs one after "
+        log.warning("the parallel sweep runner (vlprompt.experiments.sweep) is not available; running the %d runs one after "
                     "another", len(configs))
         return run_grid(configs, workers=1, overwrite=overwrite)
     outcomes = run_sweep(configs, workers=workers, overwrite=overwrite)
@@ -166,7 +166,7 @@ def reproduce(name: str, *, workers: int | None = 1, overwrite: bool = False, re
     ``<output>/reproduce/<table>``) and the :class:`Reproduction`. Runs that failed in a parallel sweep raise
     :class:`VlpromptError` after the report of the others is written.
     """
-    from vlprompt.report import write_report
+    from vlprompt.experiments.report import write_report
 
     reproduction = plan(name, **plan_options)
     failed = run_grid(reproduction.configs, workers=workers, overwrite=overwrite)
@@ -323,7 +323,7 @@ def estimate_seconds(config: RunConfig) -> tuple[float, float] | None:
     """(training, evaluation) seconds of one run on one GPU under :data:`THROUGHPUT`; None when the dataset's
     image counts are unknown (custom data)."""
     from vlprompt.data import dataset_info
-    from vlprompt.protocols import get_protocol
+    from vlprompt.experiments.protocols import get_protocol
 
     try:
         info = dataset_info(config.data.dataset)

@@ -1,5 +1,6 @@
-"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``sweep``, ``eval``, ``report``,
-``methods``.
+"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``eval``, ``methods``; the run
+options (``--config``, ``--set``, ``--data-root``, ...) and console helpers here are shared with ``vlprompt sweep``
+and ``reproduce`` (:mod:`vlprompt.cli.experiments`) and with each sweep job (:mod:`vlprompt.cli.sweep_job`).
 
 Examples::
 
@@ -7,10 +8,8 @@ Examples::
     vlprompt train --method align --protocol few_shot --dataset dtd --shots 4 --seed 1 --preset paper
     vlprompt train --method coop --dataset custom_folder --data-root ./my_images --set optim.epochs=20
     torchrun --nproc-per-node 4 -m vlprompt.cli train --method align --dataset imagenet --data-root ~/data
-    vlprompt sweep grid.yaml --workers 4        # or --slurm: write a SLURM array script instead
     vlprompt eval runs/base2new/dtd/coop/shots_16/seed_1 --dataset dtd --class-set new
     vlprompt eval imported_maple.safetensors --dataset imagenet_a --data-root ~/data
-    vlprompt report runs
 
 ``train`` and ``run`` work unchanged under ``torchrun`` (one process per GPU, data-parallel; see
 :mod:`vlprompt.engine.distributed`).
@@ -91,58 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_threads_option(evaluate)
     evaluate.set_defaults(func=run_eval)
 
-    report = subparsers.add_parser("report", help="tables (Markdown, CSV) and plots from run folders",
-                                   description="Aggregate the results.json files under RUNS_DIR: mean ± std over "
-                                   "seeds, base/new/H with the papers' 11-dataset average, few-shot tables, "
-                                   "transfer tables. Never reads logs.")
-    report.add_argument("runs_dir", help="folder searched recursively for results.json files")
-    report.add_argument("--protocol", help="only this protocol")
-    report.add_argument("--out", help="where report.md, CSV files and plots go (default RUNS_DIR/report)")
-    report.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
-    report.add_argument("--ablate", default="beta", help="method option the ablation plot varies (default beta)")
-    report.add_argument("--compare", choices=("paper",),
-                        help="put every cell beside the published number (vlprompt.reference): ours mean ± std, "
-                        "paper, difference, flagged when the paper lies outside ours ± max(2·std, 1 point)")
-    report.add_argument("--table", dest="reference_tables", type=_names,
-                        help="with --compare: reference table(s) to compare with (default: every table with "
-                        "matching runs; see `vlprompt reproduce --list`)")
-    report.set_defaults(func=run_report)
-
     methods = subparsers.add_parser("methods", help="list the methods, their presets and their options with defaults",
                                     description="List every method with its presets per protocol and its options "
                                     "with their defaults (change one with --set method.options.KEY=VALUE), and the "
                                     "backbones the methods run on.")
     methods.add_argument("names", nargs="*", metavar="NAME", help="only these methods (default: all)")
     methods.set_defaults(func=run_methods)
-
-    sweep = subparsers.add_parser("sweep", help="run a grid of runs with parallel workers, or write a SLURM array",
-                                  description="Expand a grid (protocols x methods x datasets x shots x seeds) from a "
-                                  "YAML file and/or the options below (options win) and run it with parallel worker "
-                                  "processes, one GPU each when there are GPUs. Finished runs are skipped and "
-                                  "interrupted ones resume, so re-running the same command finishes what is missing. "
-                                  "--slurm writes a jobs file and a SLURM array script instead. Then: vlprompt report "
-                                  "OUTPUT. Grid file keys: protocols, methods, datasets, shots, seeds, preset, config "
-                                  "(config values for every run), set (KEY=VALUE overrides for every run).")
-    sweep.add_argument("grid", nargs="?", help="YAML grid file (see docs/reproduce.md, 'Multi-GPU and sweeps')")
-    sweep.add_argument("--protocols", "--protocol", type=_names, help="comma-separated protocols")
-    sweep.add_argument("--methods", type=_names, help="comma-separated method names")
-    sweep.add_argument("--datasets", type=_names, help="comma-separated datasets (default: the protocol's)")
-    sweep.add_argument("--shots", type=_ints, help="comma-separated shot counts (default: the protocol's)")
-    sweep.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 1,2,3)")
-    sweep.add_argument("--workers", type=_int, help="parallel local jobs (default: one per visible GPU, else 1)")
-    sweep.add_argument("--devices", help="GPU ids handed to the workers in turn through CUDA_VISIBLE_DEVICES, e.g. "
-                       "0,1,2,3; 0+1,2+3 gives each job two GPUs (with a torchrun --launcher) (default: every "
-                       "visible GPU)")
-    sweep.add_argument("--launcher", help="command that starts each job, e.g. 'torchrun --standalone "
-                       "--nproc-per-node 2' (default: this Python)")
-    sweep.add_argument("--slurm", action="store_true", help="write a jobs file and a SLURM array script (in "
-                       "OUTPUT/sweep/) instead of running; --workers caps the array's parallel tasks")
-    sweep.add_argument("--gpus-per-job", type=_int, default=1, help="--slurm: GPUs per array task (> 1: torchrun)")
-    sweep.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
-                       help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--partition=gpu (repeatable)")
-    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
-    _common_arguments(sweep)
-    sweep.set_defaults(func=run_sweep_command, preset=None)
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -259,7 +212,7 @@ def sigterm_interrupts() -> Iterator[None]:
 
 def run_train(args: argparse.Namespace) -> int:
     from vlprompt.engine import distributed
-    from vlprompt.protocols import run_experiment
+    from vlprompt.experiments.protocols import run_experiment
 
     config = build_config(method=args.method, protocol=args.protocol, dataset=args.dataset, shots=args.shots,
                           seed=args.seed, preset=args.preset, config_file=args.config_file,
@@ -277,7 +230,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_protocol(args: argparse.Namespace) -> int:
     from vlprompt.engine import distributed
     from vlprompt.engine.runs import RunFolder, run_dir
-    from vlprompt.protocols import plan, sweep
+    from vlprompt.experiments.protocols import plan, sweep
 
     protocol = normalize_protocol(args.protocol)
     configs = plan(protocol, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
@@ -298,51 +251,9 @@ def run_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sweep_command(args: argparse.Namespace) -> int:
-    import shlex
-
-    from vlprompt.engine.config import load_yaml
-    from vlprompt.engine.runs import RunFolder, run_dir
-    from vlprompt.sweep import expand_grid, run_sweep, write_slurm
-
-    grid = load_yaml(args.grid) if args.grid else {}
-    if args.protocols is not None:
-        grid.pop("protocol", None)
-    for key in ("protocols", "methods", "datasets", "shots", "seeds", "preset"):  # the options win
-        if getattr(args, key) is not None:
-            grid[key] = getattr(args, key)
-    configs = expand_grid(grid, config_file=args.config_file, overrides=args.overrides, cli=_cli_values(args))
-    if args.print_config:
-        print("---\n".join(to_yaml(config) for config in configs), end="")
-        return 0
-    if args.dry_run:
-        for config in configs:
-            print(f"{RunFolder(run_dir(config)).status():9} {run_dir(config)}")
-        return 0
-    devices = [group.replace("+", ",") for group in _names(args.devices)] if args.devices else None
-    launcher = shlex.split(args.launcher) if args.launcher else None
-    if args.slurm:
-        script, jobs, count = write_slurm(configs, overwrite=args.overwrite, gpus_per_job=args.gpus_per_job,
-                                          max_parallel=args.workers, options=args.slurm_option, launcher=launcher)
-        print(f"wrote {jobs} ({count} of {len(configs)} runs to do) and {script}")
-        print(f"submit with: sbatch {script}   then: vlprompt report {configs[0].output}" if count else
-              "every run is finished already")
-        return 0
-    with console_logging(args.quiet), sigterm_interrupts():
-        outcomes = run_sweep(configs, workers=args.workers, devices=devices, launcher=launcher,
-                             overwrite=args.overwrite)
-    failed = [o for o in outcomes if o.status == "failed"]
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "finished_before", "failed")}
-    print(f"{counts['done']} run(s) done, {counts['finished_before']} finished before, {counts['failed']} failed")
-    for outcome in failed:
-        print(f"failed (exit status {outcome.returncode}): {outcome.run_dir}; log: {outcome.log_file}")
-    print(f"tables: vlprompt report {configs[0].output}")
-    return 1 if failed else 0
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    from vlprompt.api import backbone_for, read_prompts
-    from vlprompt.backbone import load_clip
+    from vlprompt.inference.predictor import backbone_for, read_prompts
+    from vlprompt.weights import load_clip
     from vlprompt.data import ImageDataset, build_dataset, build_transform, subsample_classes
     from vlprompt.engine.checkpoint import atomic_write_text
     from vlprompt.engine.config import RunConfig
@@ -396,23 +307,6 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"{config.method.name} on {dataset} ({args.classes} classes, {result.total} images"
           f"{f', {len(result.skipped)} unreadable skipped' if result.skipped else ''}): "
           f"accuracy {result.accuracy:.2f}%  -> {out}")
-    return 0
-
-
-def run_report(args: argparse.Namespace) -> int:
-    from vlprompt.report import write_report
-
-    if not os.path.isdir(args.runs_dir):
-        raise ConfigError(f"{args.runs_dir} is not a folder")
-    protocol = normalize_protocol(args.protocol) if args.protocol else None
-    out = args.out or os.path.join(args.runs_dir, "report")
-    if args.reference_tables and not args.compare:
-        raise ConfigError("--table needs --compare paper")
-    markdown, files = write_report(args.runs_dir, out, protocol=protocol, plots=not args.no_plots,
-                                   ablate=args.ablate, compare=args.compare, reference_tables=args.reference_tables)
-    print(markdown, end="")
-    for file in files:
-        print(f"wrote {file}", file=sys.stderr)
     return 0
 
 

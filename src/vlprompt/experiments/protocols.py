@@ -12,7 +12,7 @@
 
 :func:`run_experiment` runs one (protocol, dataset, method, shots, seed) into its run folder (resuming an
 unfinished one, skipping a finished one); :func:`sweep` loops methods × datasets × shots × seeds in this process
-(:func:`vlprompt.sweep.run_sweep` runs them in parallel worker processes). Launched by ``torchrun``, every
+(:func:`vlprompt.experiments.sweep.run_sweep` runs them in parallel worker processes). Launched by ``torchrun``, every
 process calls :func:`run_experiment` with the same config; they train and evaluate together and rank 0 alone
 writes the run folder (:mod:`vlprompt.engine.distributed`).
 """
@@ -127,10 +127,10 @@ def _load_inputs(config: RunConfig) -> RunInputs:
 
     Data first: a wrong data root is reported as such, not after (or hidden behind) a weights download; every
     evaluation target is read here too, not after hours of training. Loading the backbone does not change the
-    random state that sampling the shots left (:func:`~vlprompt.backbone.load_clip`), so the method's prompts are
+    random state that sampling the shots left (:func:`~vlprompt.weights.load_clip`), so the method's prompts are
     initialised exactly as when the backbone was loaded first.
     """
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.data import build_dataset, sample_few_shot, subsample_classes
     from vlprompt.data.fewshot import FewShotWarning
     from vlprompt.methods import build_method

@@ -1,8 +1,12 @@
 """The ``vlprompt`` command line.
 
-Each area of the library contributes its sub-commands through a ``register(subparsers)`` function, listed in
-``COMMAND_MODULES``; this file assembles them, applies the options every heavy command shares (``--threads``) and
-turns :class:`~vlprompt.errors.VlpromptError` into one clear line on stderr (exit status 2) instead of a traceback.
+Only this package builds parsers and prints for humans; the library below it never imports it. Each command group
+is one module here with a ``register(subparsers)`` function, listed in ``COMMAND_MODULES``: ``train`` (train, run,
+eval, methods), ``data`` (datasets, data), ``use`` (predict, export, explain) and ``compat`` (import),
+``experiments`` (sweep, reproduce, report), ``toyworld``, ``demo`` and ``bench``; ``sweep_job`` is the process a
+sweep starts for each run. This file assembles them, holds the option readers they share (``KEY=VALUE`` lists,
+``--threads``), applies ``--threads`` before a heavy command runs and turns :class:`~vlprompt.errors.VlpromptError`
+into one clear line on stderr (exit status 2) instead of a traceback.
 
 Building the parser imports every command module but never torch: ``vlprompt --version`` and ``--help`` answer in
 a fraction of a second. Options whose description needs a heavy import are added with :func:`defer_options`.
@@ -20,14 +24,14 @@ from vlprompt.errors import ConfigError, VlpromptError
 
 # Modules that provide ``register(subparsers)``. Listed explicitly: no import side effects register anything.
 COMMAND_MODULES = [
-    "vlprompt.data.commands",
-    "vlprompt.bench_commands",
-    "vlprompt.engine.commands",
-    "vlprompt.compat.commands",
-    "vlprompt.reproduce_commands",
-    "vlprompt.use_commands",
-    "vlprompt.toyworld.commands",
-    "vlprompt.demo",
+    "vlprompt.cli.data",
+    "vlprompt.cli.bench",
+    "vlprompt.cli.train",
+    "vlprompt.cli.compat",
+    "vlprompt.cli.experiments",
+    "vlprompt.cli.use",
+    "vlprompt.cli.toyworld",
+    "vlprompt.cli.demo",
 ]
 
 # CPU threads of the heavy commands. One: on a 2-core machine whose cores other jobs share, torch's default (one

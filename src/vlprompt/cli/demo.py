@@ -14,7 +14,7 @@ evaluates zero-shot CLIP, CoOp, MaPLe and ALIGN on a suite of toy datasets shape
 then writes the run folders, ``report.md``, CSV tables and plots into the output folder.
 
 Schedules are the demo's own (:data:`DEMO_LR`, :data:`DEMO_EPOCHS`), short enough for a few minutes on one CPU
-core; the library's presets for the real datasets are in ``vlprompt/presets``. Finished runs are skipped, so
+core; the library's presets for the real datasets are in ``vlprompt/engine/presets``. Finished runs are skipped, so
 re-running only reports.
 """
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from vlprompt.cli import add_threads_option
-from vlprompt.engine.commands import _ints
+from vlprompt.cli.train import _ints
 from vlprompt.engine.config import RunConfig, build_config
 
 log = logging.getLogger("vlprompt")
@@ -109,8 +109,8 @@ def demo_configs(output: str, plan: DemoPlan = FULL, *, data_root: str | None = 
 
 def run_demo(output: str = "vlprompt-demo", plan: DemoPlan = FULL, **options) -> tuple[str, list[str]]:
     """Run the demo into ``output``; return the report's Markdown and the files written."""
-    from vlprompt.protocols import run_experiment
-    from vlprompt.report import write_report
+    from vlprompt.experiments.protocols import run_experiment
+    from vlprompt.experiments.report import write_report
 
     started = time.perf_counter()
     configs = demo_configs(output, plan, **options)

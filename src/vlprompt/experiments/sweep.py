@@ -3,8 +3,8 @@
 A sweep is a list of run configs, usually the grid protocols × methods × datasets × shots × seeds
 (:func:`expand_grid`). :func:`run_sweep` runs it with N worker processes on this machine (one GPU each when there
 are GPUs, through ``CUDA_VISIBLE_DEVICES``); :func:`write_slurm` writes the same jobs as a SLURM array instead.
-Each job is one run folder, run by ``python -m vlprompt.sweep JOBS_FILE INDEX`` in a fresh process: a finished
-run is skipped and an interrupted one resumes from its last epoch (:func:`vlprompt.protocols.run_experiment`), so
+Each job is one run folder, run by ``python -m vlprompt.cli.sweep_job JOBS_FILE INDEX`` in a fresh process: a finished
+run is skipped and an interrupted one resumes from its last epoch (:func:`vlprompt.experiments.protocols.run_experiment`), so
 running a sweep again after an interruption (Ctrl-C, a crash, a pre-empted cluster job) finishes exactly what is
 missing. ``vlprompt report OUTPUT`` then builds the tables from the run folders.
 
@@ -32,7 +32,6 @@ A grid file (YAML)::
 
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime
 import hashlib
@@ -50,7 +49,7 @@ from typing import IO, Any, Mapping, Sequence
 from vlprompt.engine.checkpoint import atomic_write_text
 from vlprompt.engine.config import RunConfig, load_yaml, merge, validate
 from vlprompt.engine.runs import RunFolder, run_dir
-from vlprompt.errors import ConfigError, VlpromptError
+from vlprompt.errors import ConfigError
 
 log = logging.getLogger("vlprompt")
 
@@ -88,7 +87,7 @@ def expand_grid(grid: Mapping[str, Any] | str, *, config_file: str | None = None
         config_file, cli, overrides: as in :func:`vlprompt.engine.config.build_config`; ``cli`` wins over the
             grid's ``config``, ``overrides`` come after the grid's ``set``.
     """
-    from vlprompt.protocols import plan
+    from vlprompt.experiments.protocols import plan
 
     if isinstance(grid, (str, os.PathLike)):
         grid = load_yaml(os.fspath(grid))
@@ -212,7 +211,7 @@ def run_job(jobs_file: str, index: int) -> dict[str, Any]:
 
     Under ``torchrun`` every rank calls this and the run is data-parallel.
     """
-    from vlprompt.protocols import run_experiment
+    from vlprompt.experiments.protocols import run_experiment
 
     config = RunConfig.from_dict(read_job(jobs_file, index)["config"])
     validate(config)
@@ -233,12 +232,12 @@ def run_sweep(configs: Sequence[RunConfig], *, workers: int | None = None, devic
     """Run every config as its own job process, ``workers`` at a time; return one outcome per config, in order.
 
     Args:
-        configs: run configs (from :func:`expand_grid`, :func:`vlprompt.protocols.plan`…), one run folder each.
+        configs: run configs (from :func:`expand_grid`, :func:`vlprompt.experiments.protocols.plan`…), one run folder each.
         workers: parallel jobs (default: one per device, else 1).
         devices: ``CUDA_VISIBLE_DEVICES`` values handed to the workers in turn (``"0"``, ``"1"``…; ``"0,1"`` for
             jobs that use two GPUs with a ``torchrun`` launcher); default: one per visible GPU, none without CUDA.
             Several workers may share a device when ``workers`` > ``len(devices)``.
-        launcher: the command that starts a job's Python, followed by ``-m vlprompt.sweep JOBS_FILE INDEX``
+        launcher: the command that starts a job's Python, followed by ``-m vlprompt.cli.sweep_job JOBS_FILE INDEX``
             (default: this interpreter); e.g. ``["torchrun", "--standalone", "--nproc-per-node", "2"]`` for
             data-parallel jobs.
         overwrite: clear the runs' folders first, so every run starts again.
@@ -258,7 +257,7 @@ def run_sweep(configs: Sequence[RunConfig], *, workers: int | None = None, devic
         raise ConfigError(f"workers must be >= 1, got {workers}")
     jobs_file, todo = write_jobs(configs, overwrite=overwrite, sweep_dir=sweep_dir)
     jobs_id = _jobs_id(jobs_file)
-    command = [*(launcher or [sys.executable]), "-m", "vlprompt.sweep", os.path.abspath(jobs_file)]
+    command = [*(launcher or [sys.executable]), "-m", "vlprompt.cli.sweep_job", os.path.abspath(jobs_file)]
     outcomes = [JobOutcome(config, run_dir(config), "finished_before") for config in configs]
     for position in todo:
         outcomes[position].status = "not_run"
@@ -383,7 +382,7 @@ def write_slurm(configs: Sequence[RunConfig], *, overwrite: bool = False, gpus_p
 
     Returns:
         ``(script path or None when every run is finished, jobs file, number of tasks)``. The script runs
-        ``srun LAUNCHER -m vlprompt.sweep JOBS_FILE $SLURM_ARRAY_TASK_ID`` in the current directory; submitting it
+        ``srun LAUNCHER -m vlprompt.cli.sweep_job JOBS_FILE $SLURM_ARRAY_TASK_ID`` in the current directory; submitting it
         again (after failures or pre-emption) skips finished runs and resumes interrupted ones.
     """
     configs = list(configs)
@@ -422,7 +421,7 @@ def write_slurm(configs: Sequence[RunConfig], *, overwrite: bool = False, gpus_p
         "",
         "set -euo pipefail",
         f"cd {shlex.quote(os.getcwd())}",
-        f"srun {shlex.join([*launcher, '-m', 'vlprompt.sweep', os.path.abspath(jobs_file)])} "
+        f"srun {shlex.join([*launcher, '-m', 'vlprompt.cli.sweep_job', os.path.abspath(jobs_file)])} "
         '"$SLURM_ARRAY_TASK_ID"',
         "",
     ]
@@ -431,36 +430,5 @@ def write_slurm(configs: Sequence[RunConfig], *, overwrite: bool = False, gpus_p
     return script, jobs_file, len(todo)
 
 
-# --------------------------------------------------------------------------------------------- one job
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vlprompt.sweep JOBS_FILE INDEX``: run one job of a sweep (what local workers and SLURM array
-    tasks execute; also under ``torchrun``)."""
-    from vlprompt.engine import distributed
-    from vlprompt.engine.commands import _summary_line, console_logging, sigterm_interrupts
-
-    parser = argparse.ArgumentParser(prog="python -m vlprompt.sweep",
-                                     description="Run job INDEX of a sweep's jobs file (see `vlprompt sweep`).")
-    parser.add_argument("jobs_file")
-    parser.add_argument("index", type=int)
-    args = parser.parse_args(argv)
-    try:
-        with console_logging(quiet=False), sigterm_interrupts(), distributed.session():
-            results = run_job(args.jobs_file, args.index)
-    except VlpromptError as error:
-        print(f"vlprompt sweep job {args.index}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"vlprompt sweep job {args.index}: interrupted; it resumes when the sweep runs again", file=sys.stderr)
-        return 130
-    if distributed.launched().main:
-        print(_summary_line(results))
-    return 0
-
-
 __all__ = ["JobOutcome", "expand_grid", "read_events", "read_job", "run_job", "run_sweep", "write_jobs",
            "write_slurm"]
-
-if __name__ == "__main__":  # pragma: no cover - the job entry point
-    sys.exit(main())

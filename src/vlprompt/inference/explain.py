@@ -94,7 +94,7 @@ def explain(predictor, image, classnames: Sequence[str] | None = None, classname
     """Explain the logit of ``image`` for ``classname`` among ``classnames``.
 
     Args:
-        predictor: a :class:`~vlprompt.api.Predictor` (from :func:`vlprompt.load`).
+        predictor: a :class:`~vlprompt.inference.predictor.Predictor` (from :func:`vlprompt.load`).
         image: a path, PIL image or pre-processed ``(3, S, S)`` tensor.
         classnames: the candidate classes (default: the training classes).
         classname: the class to explain (default: the predicted one); must be one of ``classnames``.

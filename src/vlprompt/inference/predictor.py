@@ -149,13 +149,13 @@ _JSON_NAMES = {str: "string", dict: "object", list: "array"}
 
 
 def backbone_of(header: dict[str, Any]) -> tuple[str, str | None]:
-    """``(architecture, pretrained)`` the prompts were trained on, as :func:`~vlprompt.backbone.load_clip` takes.
+    """``(architecture, pretrained)`` the prompts were trained on, as :func:`~vlprompt.weights.load_clip` takes.
 
     Read from the header's run config; headers without one (``vlprompt import-original`` files) carry only the
     backbone label ``"name"`` or ``"name/tag"``: tiny and toy models need no weights, other architectures
     without a tag get the engine's default (``openai``), as ``vlprompt eval`` does.
     """
-    from vlprompt.backbone import TINY_CONFIGS
+    from vlprompt.weights import TINY_CONFIGS
     from vlprompt.engine.config import BackboneConfig
 
     spec = (header.get("config") or {}).get("backbone")
@@ -175,7 +175,7 @@ def backbone_for(header: dict[str, Any], backbone: str | None = None,
     """``(architecture, weights)`` to rebuild prompts on: the header's (:func:`backbone_of`) unless ``backbone`` or
     ``pretrained`` (``"none"``: random weights) replace them. The one rule of ``vlprompt.load``, ``predict``,
     ``explain`` and ``eval``."""
-    from vlprompt.backbone import weights_argument
+    from vlprompt.weights import weights_argument
 
     name, weights = backbone_of(header)
     if pretrained is not None:
@@ -204,7 +204,7 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu", backbone
         RunNotFoundError: no such folder/file, or the run has not finished training.
         CheckpointError: the weights or the prompts do not fit the backbone.
     """
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.engine.trainer import resolve_device
     from vlprompt.methods import build_method
 

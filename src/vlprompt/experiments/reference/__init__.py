@@ -16,7 +16,7 @@ another: it takes that table's numbers and sources and replaces its title and gr
 
 Usage::
 
-    from vlprompt import reference
+    from vlprompt.experiments import reference
     table = reference.load("align-fewshot")
     table.value("align", "dtd", 16)            # 71.4
     table.cell("align", "average", 16).source  # Source(key='d1-average', ...)
@@ -131,7 +131,7 @@ class ReferenceTable:
 
 
 def _files() -> dict[str, Any]:
-    folder = resources.files("vlprompt") / "reference"
+    folder = resources.files("vlprompt.experiments") / "reference"
     return {item.name[:-len(".yaml")]: item for item in folder.iterdir() if item.name.endswith(".yaml")}
 
 

@@ -46,7 +46,7 @@ def add_source_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _classnames(args: argparse.Namespace) -> list[str] | None:
-    from vlprompt.use_commands import read_classnames
+    from vlprompt.cli.use import read_classnames
 
     return read_classnames(",".join(args.classes)) if args.classes else None
 
@@ -54,7 +54,7 @@ def _classnames(args: argparse.Namespace) -> list[str] | None:
 def run_import(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from vlprompt.backbone import load_clip
+    from vlprompt.weights import load_clip
     from vlprompt.compat.convert import read_original
 
     classnames = _classnames(args)
