@@ -135,6 +135,9 @@ def test_toy_dataset_with_verify_sample_and_prepare(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"toy_shapes: generated in {tmp_path / 'other' / 'toy_shapes'}" in printed
     assert printed.strip().endswith("OK")
+    assert main(["data", "status", "--data-root", str(root)]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[-1].startswith("toy datasets generated here: toy_shapes (")
 
 
 def test_materialize_defaults_are_what_train_reads(tmp_path, capsys):

@@ -195,6 +195,8 @@ def dataset_status(info, root: str) -> tuple[str, str]:
 def run_status(args: argparse.Namespace) -> int:
     from vlprompt.data.registry import REGISTRY
 
+    from vlprompt.data.toy import TOY_DATASETS
+
     print(f"{'name':16} {'state':11} details")
     states = []
     for info in REGISTRY.values():
@@ -205,6 +207,11 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"{info.name:16} {state:11} {detail}")
     print(f"{states.count('present')} present, {states.count('incomplete')} incomplete, "
           f"{states.count('missing')} missing (vlprompt data prepare --dataset NAME --data-root {args.data_root})")
+    # Toy datasets are generated on first use (deterministically): list those this root already holds.
+    generated = [info.name for info in TOY_DATASETS
+                 if os.path.isfile(os.path.join(os.path.expanduser(args.data_root), info.name, "split.json"))]
+    print(f"toy datasets generated here: {', '.join(generated) if generated else 'none'} (the others are "
+          f"generated on first use; vlprompt data verify --dataset NAME checks one)")
     return 0
 
 
