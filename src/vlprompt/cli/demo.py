@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 
 from vlprompt.cli import add_threads_option
-from vlprompt.cli.train import _ints
+from vlprompt.cli.run_options import ints_option
 from vlprompt.engine.config import RunConfig, build_config
 
 log = logging.getLogger("vlprompt")
@@ -132,7 +132,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--output", default="vlprompt-demo", help="folder for run folders and the report")
     parser.add_argument("--quick", action="store_true", help="the reduced demo (base-to-new, zero-shot and CoOp)")
-    parser.add_argument("--seeds", type=_ints, default=[1],
+    parser.add_argument("--seeds", type=ints_option, default=[1],
                         help="comma-separated seeds to run (the report gives mean ± std over them; default: 1)")
     parser.add_argument("--device", default="auto", help="auto (default: a GPU if there is one, else cpu), cpu, "
                         "cuda, cuda:N, mps")

@@ -20,13 +20,13 @@ import argparse
 import os
 import sys
 
-from vlprompt.cli.train import (
-    _cli_values,
-    _common_arguments,
-    _int,
-    _ints,
-    _names,
+from vlprompt.cli.run_options import (
+    cli_values,
+    common_arguments,
     console_logging,
+    int_option,
+    ints_option,
+    names_option,
     sigterm_interrupts,
 )
 from vlprompt.engine.config import normalize_protocol, to_yaml
@@ -47,17 +47,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--estimate", action="store_true",
                         help="print the expected time on one GPU (assumed throughput), run nothing")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
-    parser.add_argument("--methods", type=_names, help="only these of the table's methods")
-    parser.add_argument("--datasets", type=_names,
+    parser.add_argument("--methods", type=names_option, help="only these of the table's methods")
+    parser.add_argument("--datasets", type=names_option,
                         help="only these datasets (others, e.g. toy-world ones, run without a published number)")
-    parser.add_argument("--shots", type=_ints, help="only these shot counts")
-    parser.add_argument("--seeds", type=_ints, help="seeds (default: the table's, 1,2,3)")
+    parser.add_argument("--shots", type=ints_option, help="only these shot counts")
+    parser.add_argument("--seeds", type=ints_option, help="seeds (default: the table's, 1,2,3)")
     parser.add_argument("--workers", type=_workers, default=1,
                         help="parallel runs through the sweep runner: a number, or 'auto' (one per visible GPU); "
                         "default 1 (one after another in this process)")
     parser.add_argument("--report-out", help="report folder (default OUTPUT/reproduce/TABLE)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
-    _common_arguments(parser)
+    common_arguments(parser)
     parser.set_defaults(func=run_reproduce)
 
     report = subparsers.add_parser("report", help="tables (Markdown, CSV) and plots from run folders",
@@ -72,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--compare", choices=("paper",),
                         help="put every cell beside the published number (vlprompt.experiments.reference): ours mean ± std, "
                         "paper, difference, flagged when the paper lies outside ours ± max(2·std, 1 point)")
-    report.add_argument("--table", dest="reference_tables", type=_names,
+    report.add_argument("--table", dest="reference_tables", type=names_option,
                         help="with --compare: reference table(s) to compare with (default: every table with "
                         "matching runs; see `vlprompt reproduce --list`)")
     report.set_defaults(func=run_report)
@@ -86,12 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                   "OUTPUT. Grid file keys: protocols, methods, datasets, shots, seeds, preset, config "
                                   "(config values for every run), set (KEY=VALUE overrides for every run).")
     sweep.add_argument("grid", nargs="?", help="YAML grid file (see docs/reproduce.md, 'Multi-GPU and sweeps')")
-    sweep.add_argument("--protocols", "--protocol", type=_names, help="comma-separated protocols")
-    sweep.add_argument("--methods", type=_names, help="comma-separated method names")
-    sweep.add_argument("--datasets", type=_names, help="comma-separated datasets (default: the protocol's)")
-    sweep.add_argument("--shots", type=_ints, help="comma-separated shot counts (default: the protocol's)")
-    sweep.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 1,2,3)")
-    sweep.add_argument("--workers", type=_int, help="parallel local jobs (default: one per visible GPU, else 1)")
+    sweep.add_argument("--protocols", "--protocol", type=names_option, help="comma-separated protocols")
+    sweep.add_argument("--methods", type=names_option, help="comma-separated method names")
+    sweep.add_argument("--datasets", type=names_option, help="comma-separated datasets (default: the protocol's)")
+    sweep.add_argument("--shots", type=ints_option, help="comma-separated shot counts (default: the protocol's)")
+    sweep.add_argument("--seeds", type=ints_option, help="comma-separated seeds (default 1,2,3)")
+    sweep.add_argument("--workers", type=int_option, help="parallel local jobs (default: one per visible GPU, else 1)")
     sweep.add_argument("--devices", help="GPU ids handed to the workers in turn through CUDA_VISIBLE_DEVICES, e.g. "
                        "0,1,2,3; 0+1,2+3 gives each job two GPUs (with a torchrun --launcher) (default: every "
                        "visible GPU)")
@@ -99,11 +99,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "--nproc-per-node 2' (default: this Python)")
     sweep.add_argument("--slurm", action="store_true", help="write a jobs file and a SLURM array script (in "
                        "OUTPUT/sweep/) instead of running; --workers caps the array's parallel tasks")
-    sweep.add_argument("--gpus-per-job", type=_int, default=1, help="--slurm: GPUs per array task (> 1: torchrun)")
+    sweep.add_argument("--gpus-per-job", type=int_option, default=1, help="--slurm: GPUs per array task (> 1: torchrun)")
     sweep.add_argument("--slurm-option", action="append", default=[], metavar="OPTION",
                        help="--slurm: an extra #SBATCH option, e.g. --slurm-option=--partition=gpu (repeatable)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
-    _common_arguments(sweep)
+    common_arguments(sweep)
     sweep.set_defaults(func=run_sweep_command, preset=None)
 
 
@@ -120,7 +120,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     for key in ("protocols", "methods", "datasets", "shots", "seeds", "preset"):  # the options win
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
-    configs = expand_grid(grid, config_file=args.config_file, overrides=args.overrides, cli=_cli_values(args))
+    configs = expand_grid(grid, config_file=args.config_file, overrides=args.overrides, cli=cli_values(args))
     if args.print_config:
         print("---\n".join(to_yaml(config) for config in configs), end="")
         return 0
@@ -128,7 +128,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         for config in configs:
             print(f"{RunFolder(run_dir(config)).status():9} {run_dir(config)}")
         return 0
-    devices = [group.replace("+", ",") for group in _names(args.devices)] if args.devices else None
+    devices = [group.replace("+", ",") for group in names_option(args.devices)] if args.devices else None
     launcher = shlex.split(args.launcher) if args.launcher else None
     if args.slurm:
         script, jobs, count = write_slurm(configs, overwrite=args.overwrite, gpus_per_job=args.gpus_per_job,
@@ -189,7 +189,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if not args.table:
         raise ConfigError("name a table (see `vlprompt reproduce --list`)")
     options = dict(preset=args.preset, methods=args.methods, datasets=args.datasets, shots=args.shots,
-                   seeds=args.seeds, config_file=args.config_file, overrides=args.overrides, cli=_cli_values(args))
+                   seeds=args.seeds, config_file=args.config_file, overrides=args.overrides, cli=cli_values(args))
     plan = reproduce.plan(args.table, **options)
     if args.explain or args.estimate:
         if args.explain:

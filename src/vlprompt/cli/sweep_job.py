@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m vlprompt.cli.sweep_job JOBS_FILE INDEX``: run one job of a sweep (what local workers and SLURM array
     tasks execute; also under ``torchrun``)."""
     from vlprompt.engine import distributed
-    from vlprompt.cli.train import _summary_line, console_logging, sigterm_interrupts
+    from vlprompt.cli.run_options import console_logging, sigterm_interrupts, summary_line
 
     parser = argparse.ArgumentParser(prog="python -m vlprompt.cli.sweep_job",
                                      description="Run job INDEX of a sweep's jobs file (see `vlprompt sweep`).")
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlprompt sweep job {args.index}: interrupted; it resumes when the sweep runs again", file=sys.stderr)
         return 130
     if distributed.launched().main:
-        print(_summary_line(results))
+        print(summary_line(results))
     return 0
 
 

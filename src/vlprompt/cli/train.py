@@ -1,6 +1,5 @@
-"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``eval``, ``methods``; the run
-options (``--config``, ``--set``, ``--data-root``, ...) and console helpers here are shared with ``vlprompt sweep``
-and ``reproduce`` (:mod:`vlprompt.cli.experiments`) and with each sweep job (:mod:`vlprompt.cli.sweep_job`).
+"""Command-line tools for training and evaluation: ``vlprompt train``, ``run``, ``eval``, ``methods`` (the run options
+they share with sweep, reproduce and demo are in :mod:`vlprompt.cli.run_options`).
 
 Examples::
 
@@ -18,14 +17,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import signal
-import sys
-import threading
-from typing import Any, Iterator
+from typing import Any
 
 from vlprompt.engine.config import (
     PROTOCOL_NAMES,
@@ -36,9 +30,17 @@ from vlprompt.engine.config import (
     to_yaml,
 )
 from vlprompt.cli import BACKBONE_HELP, add_alias, add_threads_option, parse_key_values
+from vlprompt.cli.run_options import (
+    cli_values,
+    common_arguments,
+    console_logging,
+    int_option,
+    ints_option,
+    names_option,
+    sigterm_interrupts,
+    summary_line,
+)
 from vlprompt.errors import ConfigError
-
-log = logging.getLogger("vlprompt")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,21 +51,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--method", required=True, help="method name (see `vlprompt methods`)")
     train.add_argument("--dataset", required=True, help="dataset name (see `vlprompt datasets`)")
     train.add_argument("--protocol", default="few_shot", help=f"one of {', '.join(PROTOCOL_NAMES)} (default few_shot)")
-    train.add_argument("--shots", type=_int, default=None, help="images per class (default: 16)")
-    train.add_argument("--seed", type=_int, default=None, help="run seed (default 1)")
-    _common_arguments(train)
+    train.add_argument("--shots", type=int_option, default=None, help="images per class (default: 16)")
+    train.add_argument("--seed", type=int_option, default=None, help="run seed (default 1)")
+    common_arguments(train)
     train.set_defaults(func=run_train)
 
     run = subparsers.add_parser("run", help="run a protocol: methods x datasets x shots x seeds",
                                 description="Run every (method, dataset, shots, seed) of a protocol into its own "
                                 "run folder, skipping finished runs and resuming unfinished ones.")
     run.add_argument("protocol", help=f"one of {', '.join(PROTOCOL_NAMES)}")
-    run.add_argument("--methods", required=True, type=_names, help="comma-separated method names")
-    run.add_argument("--datasets", type=_names, help="comma-separated datasets (default: the protocol's)")
-    run.add_argument("--shots", type=_ints, help="comma-separated shot counts (default: the protocol's)")
-    run.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 1,2,3)")
+    run.add_argument("--methods", required=True, type=names_option, help="comma-separated method names")
+    run.add_argument("--datasets", type=names_option, help="comma-separated datasets (default: the protocol's)")
+    run.add_argument("--shots", type=ints_option, help="comma-separated shot counts (default: the protocol's)")
+    run.add_argument("--seeds", type=ints_option, help="comma-separated seeds (default 1,2,3)")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
-    _common_arguments(run)
+    common_arguments(run)
     run.set_defaults(func=run_protocol)
 
     evaluate = subparsers.add_parser("eval", help="evaluate trained prompts (a run folder or a prompts file)",
@@ -83,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--data-root", help="data root (default: the run's)")
     evaluate.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the run's)")
     evaluate.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="default: the run's")
-    evaluate.add_argument("--batch-size", type=_int, help="test batch size (default: the run's)")
+    evaluate.add_argument("--batch-size", type=int_option, help="test batch size (default: the run's)")
     evaluate.add_argument("--backbone", help=f"{BACKBONE_HELP} (default: the run's or the prompts file's)")
     evaluate.add_argument("--pretrained", help="weights: open_clip tag, file or 'none' (default: the run's, else openai)")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
@@ -98,115 +100,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     methods.set_defaults(func=run_methods)
 
 
-def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="default",
-                        help="preset variant: default (the original code's values) or paper (the paper's, where "
-                        "they differ); see docs/reproduce.md")
-    parser.add_argument("--config", dest="config_file", help="YAML file with config values (see --print-config)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optim.lr=0.002 --set method.options.beta=0.5")
-    parser.add_argument("--backbone", help=f"{BACKBONE_HELP} (default ViT-B-16-quickgelu)")
-    parser.add_argument("--pretrained", help="open_clip tag (default openai), a local weights file, or 'none' "
-                        "(random weights)")
-    parser.add_argument("--data-root", help="folder holding the datasets (custom_folder: the dataset folder)")
-    parser.add_argument("--targets", type=_names, help="transfer targets (cross protocols), name or name@root")
-    parser.add_argument("--output", help="runs folder (default: runs)")
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast precision (default fp32)")
-    parser.add_argument("--tag", help="suffix that keeps runs with other settings apart (ablations)")
-    parser.add_argument("--overwrite", action="store_true", help="discard existing run folders and start again")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars; warnings only")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config(s) as YAML and exit")
-    add_threads_option(parser)
-
-
-# --------------------------------------------------------------------------------------------- argument types
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    return [_int(part) for part in text.split(",") if part.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _cli_values(args: argparse.Namespace) -> dict[str, Any]:
-    """Nested config values from the dedicated options that were given."""
-    values: dict[str, Any] = {}
-    if args.backbone is not None:
-        values.setdefault("backbone", {})["name"] = args.backbone
-    if args.pretrained is not None:
-        values.setdefault("backbone", {})["pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
-    if args.data_root is not None:
-        values.setdefault("data", {})["root"] = os.path.expanduser(args.data_root)
-    if args.targets is not None:
-        values.setdefault("eval", {})["targets"] = args.targets
-    for key in ("output", "device", "precision", "tag"):
-        if getattr(args, key) is not None:
-            values[key] = getattr(args, key)
-    if args.quiet:
-        values["progress"] = False
-    return values
-
-
-class _TqdmHandler(logging.Handler):
-    """Writes log lines above the progress bars instead of through them."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm.auto import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
-
-
-@contextlib.contextmanager
-def console_logging(quiet: bool) -> Iterator[None]:
-    """Log lines on stderr while a command runs (warnings only with --quiet; errors only on the ranks > 0 of a
-    ``torchrun`` launch, which repeat rank 0's lines)."""
-    from vlprompt.engine.distributed import launched
-
-    handler = _TqdmHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.setLevel(logging.ERROR if not launched().main else logging.WARNING if quiet else logging.INFO)
-    log.addHandler(handler)
-    previous = log.level, log.propagate
-    log.setLevel(logging.INFO)
-    log.propagate = False  # a root handler set up by another library must not print every line twice
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(previous[0])
-        log.propagate = previous[1]
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Treat SIGTERM (a scheduler pre-empting the job) like Ctrl-C: stop cleanly; re-running resumes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # --------------------------------------------------------------------------------------------- commands
 
 
@@ -216,14 +109,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = build_config(method=args.method, protocol=args.protocol, dataset=args.dataset, shots=args.shots,
                           seed=args.seed, preset=args.preset, config_file=args.config_file,
-                          overrides=args.overrides, cli=_cli_values(args))
+                          overrides=args.overrides, cli=cli_values(args))
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
     with console_logging(args.quiet), sigterm_interrupts(), distributed.session():
         results = run_experiment(config, overwrite=args.overwrite)
     if distributed.launched().main:
-        print(_summary_line(results))
+        print(summary_line(results))
     return 0
 
 
@@ -235,7 +128,7 @@ def run_protocol(args: argparse.Namespace) -> int:
     protocol = normalize_protocol(args.protocol)
     configs = plan(protocol, methods=args.methods, datasets=args.datasets, shots=args.shots, seeds=args.seeds,
                    preset=args.preset, config_file=args.config_file, overrides=args.overrides,
-                   cli=_cli_values(args))
+                   cli=cli_values(args))
     if args.print_config:
         print("---\n".join(to_yaml(config) for config in configs), end="")
         return 0
@@ -247,7 +140,7 @@ def run_protocol(args: argparse.Namespace) -> int:
         results = sweep(configs, overwrite=args.overwrite)
     if distributed.launched().main:
         for result in results:
-            print(_summary_line(result))
+            print(summary_line(result))
     return 0
 
 
@@ -351,10 +244,3 @@ def _option_text(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value)
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-
-
-def _summary_line(results: dict[str, Any]) -> str:
-    numbers = ", ".join(f"{key} {'n/a' if value is None else f'{value:.2f}'}"  # None: not available
-                        for key, value in results["metrics"].items())
-    return (f"{results['protocol']} {results['dataset']} {results['method']} shots {results['shots']} "
-            f"seed {results['seed']}: {numbers}")
