@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_reliability_training import MarkedImages, coop, params
+from test_reliability_training import MarkedImages, coop, killed_at_step, params
 from vlprompt.engine import OptimConfig, fit, load_checkpoint
 from vlprompt.engine.config import build_config
 from vlprompt.engine.optim import build_optimizer
@@ -57,16 +57,7 @@ def test_an_adamw_run_resumes_bit_identically(tiny_clip, tmp_path):
     reference = coop(tiny_clip)
     fit(reference, MarkedImages(), optim=optim, batch_size=4, seed=3, num_workers=0, progress=False)
 
-    method = coop(tiny_clip)
-    original, calls = method.training_loss, {"n": 0}
-
-    def killed_in_epoch_three(images, labels):
-        calls["n"] += 1
-        if calls["n"] == 2 * 2 + 1:  # 2 steps per epoch: the first step of the third
-            raise KeyboardInterrupt
-        return original(images, labels)
-
-    method.training_loss = killed_in_epoch_three
+    method = killed_at_step(coop(tiny_clip), 2 * 2 + 1)  # 2 steps per epoch: the first step of the third
     path = str(tmp_path / "ckpt.pt")
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):

@@ -46,6 +46,18 @@ class Interrupt(KeyboardInterrupt):
     pass
 
 
+def interrupted_after_first_checkpoint(run_config, monkeypatch):
+    """Run ``run_config`` until its first epoch record is about to be written, then interrupt it (the epoch's
+    checkpoint is on disk)."""
+    def interrupt(self, record):
+        raise Interrupt
+
+    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
+    with pytest.raises(Interrupt):
+        run_experiment(run_config)
+    monkeypatch.undo()
+
+
 # --------------------------------------------------------------------------------------------- identity
 
 
@@ -81,13 +93,7 @@ def test_a_finished_run_is_reused_only_by_the_same_settings(tmp_path, tree, monk
 
 
 def test_an_unfinished_run_with_other_settings_is_not_resumed(tmp_path, tree, monkeypatch):
-    def interrupt(self, record):
-        raise Interrupt
-
-    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
-    with pytest.raises(Interrupt):
-        run_experiment(config(tmp_path, tree))
-    monkeypatch.undo()
+    interrupted_after_first_checkpoint(config(tmp_path, tree), monkeypatch)
     with pytest.raises(ConfigError, match=r"holds an unfinished run with other settings \(optim.epochs: 3 -> 4\)"):
         run_experiment(config(tmp_path, tree, "optim.epochs=4"))
 
@@ -277,13 +283,7 @@ def test_a_failed_append_leaves_the_file_as_it_was(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_without_its_fields_is_one_clear_error(tmp_path, tree, monkeypatch):
-    def interrupt(self, record):
-        raise Interrupt
-
-    monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
-    with pytest.raises(Interrupt):
-        run_experiment(config(tmp_path, tree))
-    monkeypatch.undo()
+    interrupted_after_first_checkpoint(config(tmp_path, tree), monkeypatch)
     folder = RunFolder(run_dir(config(tmp_path, tree)))
     state = torch.load(folder.checkpoint_file, weights_only=True)
     del state["rng"], state["counters"]
@@ -293,15 +293,9 @@ def test_a_checkpoint_without_its_fields_is_one_clear_error(tmp_path, tree, monk
 
 
 def test_files_are_written_with_the_users_umask(tmp_path, tree, monkeypatch):
-    def interrupt(self, record):
-        raise Interrupt
-
     previous = os.umask(0o027)
     try:
-        monkeypatch.setattr(RunFolder, "append_metrics", interrupt)
-        with pytest.raises(Interrupt):
-            run_experiment(config(tmp_path, tree))
-        monkeypatch.undo()
+        interrupted_after_first_checkpoint(config(tmp_path, tree), monkeypatch)
         folder = RunFolder(run_dir(config(tmp_path, tree)))
         assert oct(os.stat(folder.checkpoint_file).st_mode & 0o777) == oct(0o640)
         run_experiment(config(tmp_path, tree))

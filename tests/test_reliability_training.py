@@ -102,18 +102,23 @@ def test_epoch_orders_are_the_seeded_sampler_orders_and_batches_do_not_depend_on
     assert torch.equal(zero_rng, two_rng)  # the loader never draws from the global random state
 
 
-def test_resume_with_workers_equals_an_uninterrupted_run_without(tiny_clip, tmp_path):
-    reference, full = train(tiny_clip, 0, 3)
-    method = coop(tiny_clip)
+def killed_at_step(method, step: int):
+    """``method`` whose training is interrupted (Ctrl-C) at its ``step``-th training step (1-based)."""
     original, calls = method.training_loss, {"n": 0}
 
-    def killed_in_epoch_three(images, labels):
+    def training_loss(images, labels):
         calls["n"] += 1
-        if calls["n"] == 2 * 2 + 2:  # 2 steps per epoch: the second step of the third
+        if calls["n"] == step:
             raise KeyboardInterrupt
         return original(images, labels)
 
-    method.training_loss = killed_in_epoch_three
+    method.training_loss = training_loss
+    return method
+
+
+def test_resume_with_workers_equals_an_uninterrupted_run_without(tiny_clip, tmp_path):
+    reference, full = train(tiny_clip, 0, 3)
+    method = killed_at_step(coop(tiny_clip), 2 * 2 + 2)  # 2 steps per epoch: the second step of the third
     path = str(tmp_path / "ckpt.pt")
     with pytest.raises(KeyboardInterrupt):
         fit(method, MarkedImages(), optim=OptimConfig(lr=0.01, epochs=3), batch_size=4, seed=3, num_workers=2,
