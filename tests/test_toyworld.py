@@ -15,7 +15,7 @@ from vlprompt.errors import CheckpointError, DataError
 from vlprompt.cli.toyworld import register
 from vlprompt.toyworld.materialize import generate_split, materialize
 from vlprompt.toyworld.model import MODEL_CFG, WEIGHTS_DIR, WEIGHTS_FILE, build_toy_clip, get_tokenizer, load_toy_clip
-from vlprompt.toyworld.pretrain import PretrainConfig, _batch, encode_text_truncated, pretrain
+from vlprompt.toyworld.pretrain import PretrainConfig, _batch, _resume_key, encode_text_truncated, pretrain
 from vlprompt.toyworld.render import generate, invert_lightness
 from vlprompt.toyworld.world import (
     CAPTION_TEMPLATES,
@@ -27,6 +27,7 @@ from vlprompt.toyworld.world import (
     OBJECT_CLASSNAMES,
     POSITIONS,
     PRETRAIN_COMPOSITIONS,
+    PRETRAIN_ONLY_COLORS,
     SHAPES,
     SIZES,
     TEXTURES,
@@ -146,9 +147,25 @@ def test_held_out_compositions_are_excluded_from_pretraining():
     assert sorted(colors) == list(range(len(COLOR_NAMES))) and sorted(shapes) == list(range(len(SHAPES)))
     held_out = set(zip(colors, shapes))
     assert held_out.isdisjoint(PRETRAIN_COMPOSITIONS)
-    assert len(PRETRAIN_COMPOSITIONS) + len(held_out) == len(OBJECT_CLASSNAMES)
-    _, captions, _ = _batch(0, 0, 256, np.array(PRETRAIN_COMPOSITIONS))
+    class_compositions = {(c, s) for c, s in PRETRAIN_COMPOSITIONS if c < len(COLOR_NAMES)}
+    assert len(class_compositions) + len(held_out) == len(OBJECT_CLASSNAMES)
+    # Every shape in every pretraining-only color, none of which is a class color.
+    extra = {(c, s) for c, s in PRETRAIN_COMPOSITIONS if c >= len(COLOR_NAMES)}
+    assert extra == {(len(COLOR_NAMES) + k, s) for k in range(len(PRETRAIN_ONLY_COLORS)) for s in range(len(SHAPES))}
+    assert set(PRETRAIN_ONLY_COLORS).isdisjoint(COLOR_NAMES)
+    images, captions, _ = _batch(0, 0, 256, np.array(PRETRAIN_COMPOSITIONS))
     assert not any(f"{c} {s}" in text for text in captions for c, s in HELD_OUT)
+    assert any(color in text for text in captions for color in PRETRAIN_ONLY_COLORS)
+
+
+@pytest.mark.parametrize("color", list(PRETRAIN_ONLY_COLORS))
+def test_pretraining_only_colors_are_rendered(color):
+    index = len(COLOR_NAMES) + list(PRETRAIN_ONLY_COLORS).index(color)
+    fixed = _fixed(len(SHAPES), size="large", position="center", texture="plain")
+    images, _ = generate(len(SHAPES), 0, "photo", color=index, shape=np.arange(len(SHAPES)), **fixed)
+    centre = images[:, 30:34, 30:34].reshape(len(SHAPES), -1, 3).mean(axis=1).astype(float)
+    # Within the renderer's color jitter (±12 per channel) and shading of the specified color.
+    assert np.abs(centre - np.array(PRETRAIN_ONLY_COLORS[color])).max(axis=1).max() < 60, centre
 
 
 def test_datasets():
@@ -248,6 +265,14 @@ def test_pretrain_runs_resumes_and_writes_a_loadable_checkpoint(tmp_path):
     assert (tmp_path / "out" / WEIGHTS_FILE).read_bytes() == first
     model, saved = load_toy_clip(tmp_path / "out")
     assert saved["train_steps"] == 2 and not model.training
+    assert saved["pretrain_only_colors"] == list(PRETRAIN_ONLY_COLORS)
+
+
+def test_pretrain_without_extra_colors_is_another_recipe(tmp_path):
+    six_colors = PretrainConfig(extra_colors=False)
+    assert six_colors.command().endswith("--no-extra-colors") and "extra" not in PretrainConfig().command()
+    assert _resume_key(six_colors) != _resume_key(PretrainConfig())  # never resumes the other recipe's checkpoint
+    assert _resume_key(PretrainConfig(eval_every=7, threads=2)) == _resume_key(PretrainConfig())
 
 
 # --- the shipped toy CLIP -------------------------------------------------------------------------------------

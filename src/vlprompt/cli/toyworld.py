@@ -79,6 +79,9 @@ def _pretrain_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=default.warmup_steps, help="linear warmup steps")
     parser.add_argument("--weight-decay", type=float, default=default.weight_decay, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=default.seed, help="seeds the init and every batch")
+    parser.add_argument("--no-extra-colors", dest="extra_colors", action="store_false",
+                        help="draw only the six class colors (by default pretraining also shows every shape in four "
+                        "colors no dataset uses, so that shape is not learned through color)")
     add_threads_option(parser)
     parser.add_argument("--device", default=default.device, help="cpu or cuda")
     parser.add_argument(
@@ -111,7 +114,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     _outside_the_package("--work-dir", args.work_dir)
     config = PretrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, seed=args.seed, device=args.device, work_dir=args.work_dir,
+        weight_decay=args.weight_decay, seed=args.seed, extra_colors=args.extra_colors, device=args.device, work_dir=args.work_dir,
         output_dir=args.output_dir, threads=args.threads or resolve_threads(None),  # None: parsed outside main()
     )
     pretrain(config, log=lambda message: print(message, flush=True))

@@ -34,9 +34,11 @@ from vlprompt.toyworld.model import (
 )
 from vlprompt.toyworld.render import generate
 from vlprompt.toyworld.world import (
+    COLOR_NAMES,
     HELD_OUT,
     IMAGE_SIZE,
     PRETRAIN_COMPOSITIONS,
+    PRETRAIN_ONLY_COLORS,
     caption_matches,
     captions_of,
     sample_templates,
@@ -62,6 +64,10 @@ class PretrainConfig:
         output_dir: where ``toyclip.safetensors`` and ``toyclip.json`` are written.
         checkpoint_every: steps between resumable checkpoints.
         eval_per_class: generated test images per class for the final zero-shot numbers.
+        eval_every: steps between quick zero-shot checks in the log (``toy_objects`` and its held-out compositions,
+            10 images per class; 0: none). They do not change the training.
+        extra_colors: also draw objects in the pretraining-only colors
+            (:data:`~vlprompt.toyworld.world.PRETRAIN_ONLY_COLORS`), every shape in each.
     """
 
     steps: int = 1200
@@ -76,6 +82,8 @@ class PretrainConfig:
     output_dir: Path = Path("toyclip")
     checkpoint_every: int = 100
     eval_per_class: int = 50
+    eval_every: int = 500
+    extra_colors: bool = True
     model_cfg: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(MODEL_CFG)))
 
     def command(self) -> str:
@@ -83,6 +91,8 @@ class PretrainConfig:
         default = PretrainConfig()
         options = ["steps", "batch_size", "lr", "warmup_steps", "weight_decay", "seed", "threads", "device"]
         args = [f"--{o.replace('_', '-')} {getattr(self, o)}" for o in options]
+        if not self.extra_colors:
+            args.append("--no-extra-colors")
         if self.model_cfg != default.model_cfg:
             args.append("# with a model_cfg other than vlprompt.toyworld.model.MODEL_CFG")
         return " ".join(["vlprompt toyworld pretrain", *args])
@@ -113,6 +123,8 @@ def pretrain(config: PretrainConfig, log=print) -> dict[str, Any]:
     tokenizer = get_tokenizer()
     token_cache: dict[str, torch.Tensor] = {}
     compositions = np.array(PRETRAIN_COMPOSITIONS)
+    if not config.extra_colors:
+        compositions = compositions[compositions[:, 0] < len(COLOR_NAMES)]
 
     settings = _resume_key(config)
     resume_path = work_dir / "resume.pt"
@@ -154,6 +166,9 @@ def pretrain(config: PretrainConfig, log=print) -> dict[str, Any]:
                 f"step {done}/{config.steps} loss {loss.item():.4f} lr {_learning_rate(step, config):.2e} "
                 f"scale {logit_scale.item():.1f} elapsed {seconds:.0f}s"
             )
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            quick = evaluate_zero_shot(model, ("toy_objects", "toy_objects_held_out"), n_per_class=10)
+            note(f"step {done} zero-shot (10 images per class): {quick}")
         if done % config.checkpoint_every == 0 or done == config.steps:
             state = {
                 "settings": settings,
@@ -187,6 +202,7 @@ def pretrain(config: PretrainConfig, log=print) -> dict[str, Any]:
         "command": config.command(),
         "seed": config.seed,
         "train_steps": config.steps,
+        "pretrain_only_colors": list(PRETRAIN_ONLY_COLORS) if config.extra_colors else [],
         "batch_size": config.batch_size,
         "wall_time_s": round(wall_time, 1),
         "eval_time_s": round(eval_time, 1),
@@ -278,7 +294,7 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
 def _resume_key(config: PretrainConfig) -> dict[str, Any]:
     """The settings a checkpoint must share to be resumed (threads, device and paths may change)."""
     key = asdict(config)
-    for name in ("threads", "device", "work_dir", "output_dir", "checkpoint_every", "eval_per_class"):
+    for name in ("threads", "device", "work_dir", "output_dir", "checkpoint_every", "eval_per_class", "eval_every"):
         key.pop(name)
     key["objective"] = "caption-match targets"  # checkpoints of the one-positive InfoNCE recipe are not resumed
     return json.loads(json.dumps(key))

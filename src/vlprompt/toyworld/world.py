@@ -30,6 +30,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (250, 140, 190),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
+# Colors that only pretraining draws, with every shape: no dataset has them as a class. Without them every shape
+# comes in five colors and never in the sixth, and the image tower learns that shortcut (a green spiky object must
+# be a cross, since green stars are held out); with them, each shape is seen in nine colors, so its features cannot
+# lean on the color. Their indices follow the class colors' (6, 7, ...).
+PRETRAIN_ONLY_COLORS: dict[str, tuple[int, int, int]] = {
+    "orange": (245, 125, 25),
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+    "brown": (125, 75, 35),
+}
+ALL_COLOR_NAMES: tuple[str, ...] = COLOR_NAMES + tuple(PRETRAIN_ONLY_COLORS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("center", "top left", "top right", "bottom left", "bottom right")
@@ -51,9 +62,11 @@ def object_classname(color: str, shape: str) -> str:
 # Color-major order: label = color index * len(SHAPES) + shape index. CoOp's base-to-new split (first half of the
 # labels) therefore has three colors as base and three as new, with held-out compositions on both sides.
 OBJECT_CLASSNAMES: tuple[str, ...] = tuple(object_classname(c, s) for c in COLOR_NAMES for s in SHAPES)
+# The (color index, shape index) pairs pretraining draws from: the class compositions that are not held out, and
+# every shape in each pretraining-only color.
 PRETRAIN_COMPOSITIONS: tuple[tuple[int, int], ...] = tuple(
     (ci, si)
-    for ci, c in enumerate(COLOR_NAMES)
+    for ci, c in enumerate(ALL_COLOR_NAMES)
     for si, s in enumerate(SHAPES)
     if (c, s) not in HELD_OUT
 )
@@ -177,7 +190,7 @@ def sample_templates(n: int, rng: np.random.Generator) -> np.ndarray:
 def captions_of(attributes: dict[str, np.ndarray], templates: np.ndarray) -> list[str]:
     """Scene ``i``'s caption with template ``templates[i]``; ``attributes`` maps each attribute name to (N,)."""
     return [
-        caption(COLOR_NAMES[c], SHAPES[s], SIZES[z], POSITIONS[p], TEXTURES[t], int(k))
+        caption(ALL_COLOR_NAMES[c], SHAPES[s], SIZES[z], POSITIONS[p], TEXTURES[t], int(k))
         for c, s, z, p, t, k in zip(
             attributes["color"], attributes["shape"], attributes["size"], attributes["position"],
             attributes["texture"], templates,
