@@ -80,7 +80,7 @@ def _pretrain_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=default.weight_decay, help="AdamW weight decay")
     parser.add_argument("--seed", type=int, default=default.seed, help="seeds the init and every batch")
     parser.add_argument("--no-extra-colors", dest="extra_colors", action="store_false",
-                        help="draw only the six class colors (by default pretraining also shows every shape in four "
+                        help="draw only the six class colors (by default pretraining also shows every shape in eight "
                         "colors no dataset uses, so that shape is not learned through color)")
     add_threads_option(parser)
     parser.add_argument("--device", default=default.device, help="cpu or cuda")

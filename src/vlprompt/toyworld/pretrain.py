@@ -70,7 +70,7 @@ class PretrainConfig:
             (:data:`~vlprompt.toyworld.world.PRETRAIN_ONLY_COLORS`), every shape in each.
     """
 
-    steps: int = 1200
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -32,13 +32,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 # Colors that only pretraining draws, with every shape: no dataset has them as a class. Without them every shape
 # comes in five colors and never in the sixth, and the image tower learns that shortcut (a green spiky object must
-# be a cross, since green stars are held out); with them, each shape is seen in nine colors, so its features cannot
+# be a cross, since green stars are held out); with them, each shape is seen in thirteen colors, so its features cannot
 # lean on the color. Their indices follow the class colors' (6, 7, ...).
 PRETRAIN_ONLY_COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 125, 25),
     "white": (235, 235, 235),
     "black": (25, 25, 25),
     "brown": (125, 75, 35),
+    "cyan": (30, 195, 205),
+    "lime": (165, 225, 30),
+    "navy": (25, 30, 115),
+    "magenta": (225, 35, 200),
 }
 ALL_COLOR_NAMES: tuple[str, ...] = COLOR_NAMES + tuple(PRETRAIN_ONLY_COLORS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
