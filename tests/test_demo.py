@@ -1,8 +1,8 @@
 """The reduced demo (base-to-new on the toy world, zero-shot and CoOp) lands within documented bounds.
 
-Bounds (docs/toyworld.md): on ``toy_objects_dusk`` the shipped toy CLIP's zero-shot base and new accuracies are at
-least three times chance (1/18; measured 32.2 and 23.6), CoOp's training loss goes down, and CoOp beats zero-shot
-on the base classes by at least half of the measured lead (+3.1 points). A change that breaks the backbone, the
+Bounds (docs/toyworld.md): on ``toy_objects_sketch`` the shipped toy CLIP's zero-shot base and new accuracies are
+at least three times chance (1/18; measured 27.8 and 30.6), CoOp's training loss goes down, and CoOp beats
+zero-shot on the base classes by at least half of the measured lead (+18.3 points: 27.8 -> 46.1). A change that breaks the backbone, the
 data, the engine or the schedule falls outside them; tests/test_learning.py checks learning itself with margins.
 """
 
@@ -18,8 +18,8 @@ def test_quick_demo_results_within_documented_bounds(tmp_path):
     assert set(results) == {"zeroshot", "coop"}
     zero_shot, coop = results["zeroshot"]["metrics"], results["coop"]["metrics"]
     assert zero_shot["base"] >= 17 and zero_shot["new"] >= 17  # chance is 5.6 %
-    assert coop["base"] >= zero_shot["base"] + 1.5
+    assert coop["base"] >= zero_shot["base"] + 9.15
     losses = [json.loads(line)["loss"] for line in
               next((tmp_path / "demo" / "runs").rglob("coop-demo*/**/metrics.jsonl")).read_text().splitlines()]
     assert losses[-1] < losses[0]
-    assert "toy_objects_dusk" in markdown and any(path.endswith(".png") for path in written)
+    assert "toy_objects_sketch" in markdown and any(path.endswith(".png") for path in written)
