@@ -114,8 +114,9 @@ def _pretrain(args: argparse.Namespace) -> int:
     _outside_the_package("--work-dir", args.work_dir)
     config = PretrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, seed=args.seed, extra_colors=args.extra_colors, device=args.device, work_dir=args.work_dir,
-        output_dir=args.output_dir, threads=args.threads or resolve_threads(None),  # None: parsed outside main()
+        weight_decay=args.weight_decay, seed=args.seed, extra_colors=args.extra_colors, device=args.device,
+        work_dir=args.work_dir, output_dir=args.output_dir,
+        threads=args.threads or resolve_threads(None),  # None: parsed outside main()
     )
     pretrain(config, log=lambda message: print(message, flush=True))
     return 0

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlprompt.errors import ConfigError
-from vlprompt.toyworld.world import COLORS, DOMAINS, IMAGE_SIZE, PRETRAIN_ONLY_COLORS, POSITIONS, SHAPES, SIZES, TEXTURES
+from vlprompt.toyworld.world import (
+    COLORS, DOMAINS, IMAGE_SIZE, POSITIONS, PRETRAIN_ONLY_COLORS, SHAPES, SIZES, TEXTURES,
+)
 
-_COLOR_RGB = np.array([*COLORS.values(), *PRETRAIN_ONLY_COLORS.values()], dtype=np.float32)  # (C, 3), class colors first
+# (C, 3): the class colors, then the pretraining-only ones (their indices follow).
+_COLOR_RGB = np.array([*COLORS.values(), *PRETRAIN_ONLY_COLORS.values()], dtype=np.float32)
 _RADIUS_RANGE = {"small": (8.5, 11.5), "large": (16.0, 20.0)}  # object radius in pixels at 64 px
 # Position offsets as unit directions; scaled per image by the room the object leaves to the border.
 _POSITION_DIRECTION = {
